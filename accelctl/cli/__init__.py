@@ -1,0 +1,39 @@
+"""The `accelctl` command line (Typer). Importing this module must not import jax."""
+
+from __future__ import annotations
+
+import typer
+
+from accelctl import __version__
+from accelctl.cli.train import train_command
+
+app = typer.Typer(
+    name="accelctl",
+    help="A command-line training accelerator for JAX.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(f"accelctl {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: bool = typer.Option(
+        False, "--version", callback=_version, is_eager=True, help="Print the version and exit."
+    ),
+) -> None:
+    """Train, benchmark and compare JAX models from one YAML config."""
+
+
+app.command("train")(train_command)
+
+
+def main() -> None:
+    """Console-script entry point."""
+    app()

@@ -1,0 +1,62 @@
+"""`accelctl train CONFIG`: load the config, run `accelctl.train.train`, print the summary."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import typer
+
+from accelctl.cli.common import run_guarded
+
+
+def train_command(
+    config: Path = typer.Argument(..., help="YAML config file (see configs/)."),
+    set_: list[str] = typer.Option(
+        [], "--set", help="Override a field: --set optimizer.lr=3e-4 (repeatable)."
+    ),
+    run_dir: Path | None = typer.Option(
+        None, "--run-dir", help="Run directory (default: runs/<config-name>-<timestamp>/)."
+    ),
+    json_out: str | None = typer.Option(
+        None, "--json", help="Also write the summary as JSON to PATH ('-' for stdout)."
+    ),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress output."),
+    debug: bool = typer.Option(False, "--debug", help="Show tracebacks for input errors too."),
+) -> None:
+    """Train a model as the config describes; writes config.yaml, metrics.jsonl, summary.json."""
+
+    def go() -> dict:
+        from accelctl import config as config_mod
+        from accelctl.train import default_run_dir, train
+
+        cfg = config_mod.load(config, set_)
+        target = run_dir or default_run_dir(cfg, config.stem)
+        return train(cfg, run_dir=target, quiet=quiet, description=config.stem)
+
+    summary = run_guarded(go, debug=debug)
+    if json_out == "-":
+        sys.stdout.write(json.dumps(summary, indent=2) + "\n")
+    else:
+        if json_out:
+            Path(json_out).write_text(json.dumps(summary, indent=2) + "\n")
+        _render(summary, quiet=quiet)
+
+
+def _render(summary: dict, *, quiet: bool) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    ev = summary["final_eval"]
+    table = Table(title="accelctl train", show_header=False)
+    table.add_row("eval accuracy", f"{ev['accuracy']:.4f}")
+    table.add_row("eval loss", f"{ev['loss']:.4f}")
+    table.add_row("steps", f"{summary['steps']} ({summary['epochs']:.1f} epochs)")
+    table.add_row("devices", f"{summary['devices']} x {summary['device_kind']}")
+    table.add_row("train samples/s", f"{summary['train_samples_per_s']:.0f}")
+    table.add_row("input wait", f"{summary['input_wait_fraction']:.1%}")
+    table.add_row("compile", f"{summary['compile_time_s']:.2f} s")
+    table.add_row("wall time", f"{summary['wall_time_s']:.2f} s")
+    table.add_row("run dir", summary["run_dir"])
+    Console().print(table)

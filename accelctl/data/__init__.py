@@ -1,0 +1,58 @@
+"""Data: sources → host batches (numpy) → prefetch thread → sharded device arrays.
+
+This package is the only place that moves data onto devices (`make_put_fn`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import numpy as np
+
+from accelctl.data.batches import HostBatch, epoch_permutation, eval_batches, train_batches
+from accelctl.data.prefetch import Prefetcher
+from accelctl.data.sources import SOURCES, Dataset, Split
+
+__all__ = [
+    "Dataset",
+    "HostBatch",
+    "Prefetcher",
+    "Split",
+    "build",
+    "epoch_permutation",
+    "eval_batches",
+    "make_put_fn",
+    "train_batches",
+]
+
+
+def build(cfg: Any) -> Dataset:
+    """Load the data set named by the `data` config section (host arrays, fixed split)."""
+    return SOURCES[cfg.source](cfg)
+
+
+def make_put_fn(sharding: jax.sharding.Sharding) -> Callable[[HostBatch], dict[str, jax.Array]]:
+    """Return a function that places a process-local host batch on the devices.
+
+    Args:
+        sharding: the step's input sharding (batch dimension along the `data` mesh axis).
+    Returns:
+        fn(host_batch) -> dict of global jax.Arrays with that sharding. With several processes,
+        each contributes its local rows (`make_array_from_process_local_data`).
+    """
+    if jax.process_count() == 1:
+
+        def put(batch: HostBatch) -> dict[str, jax.Array]:
+            return jax.device_put(batch, sharding)
+
+    else:
+
+        def put(batch: HostBatch) -> dict[str, jax.Array]:
+            return {
+                k: jax.make_array_from_process_local_data(sharding, np.asarray(v))
+                for k, v in batch.items()
+            }
+
+    return put

@@ -1,0 +1,144 @@
+"""Data sources: each returns a `Dataset` of host (numpy) arrays with a fixed train/eval split.
+
+Images stay in their compact integer dtype on the host; `Dataset.x_scale` tells the jitted step how
+to turn them into floats on the device (fewer bytes to move than float32).
+"""
+
+from __future__ import annotations
+
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from accelctl.errors import UserError
+
+
+@dataclass(frozen=True)
+class Split:
+    """Examples of one split: x (N, *input_shape) and integer labels y (N,)."""
+
+    x: np.ndarray
+    y: np.ndarray
+
+    def __len__(self) -> int:
+        return int(self.y.shape[0])
+
+
+@dataclass(frozen=True)
+class Dataset:
+    """A train and an eval split plus what the model and the step need to know about them."""
+
+    name: str
+    train: Split
+    eval: Split
+    num_classes: int
+    # Integer inputs are multiplied by this on the device after the cast to float32;
+    # None means x is already float32 and used as is.
+    x_scale: float | None
+
+    @property
+    def input_shape(self) -> tuple[int, ...]:
+        return tuple(int(d) for d in self.train.x.shape[1:])
+
+
+def _holdout(x: np.ndarray, y: np.ndarray, fraction: float, seed: int) -> tuple[Split, Split]:
+    """Deterministically split off `fraction` of the examples for evaluation."""
+    perm = np.random.default_rng(seed).permutation(len(y))
+    n_eval = max(1, round(len(y) * fraction))
+    ev, tr = np.sort(perm[:n_eval]), np.sort(perm[n_eval:])
+    return Split(x[tr], y[tr]), Split(x[ev], y[ev])
+
+
+def load_digits(cfg: Any) -> Dataset:
+    """scikit-learn's bundled 8x8 digits (1797 images, values 0..16), no download needed."""
+    from sklearn.datasets import load_digits as sk_load_digits
+
+    bunch = sk_load_digits()
+    x = bunch.images.astype(np.uint8)[..., None]  # (N, 8, 8, 1), integer values 0..16
+    y = bunch.target.astype(np.int32)
+    train, ev = _holdout(x, y, cfg.eval_fraction, cfg.split_seed)
+    return Dataset("digits", train, ev, num_classes=10, x_scale=1.0 / 16.0)
+
+
+def make_synthetic(cfg: Any) -> Dataset:
+    """Random inputs with labels from a fixed random linear teacher (learnable, any shape)."""
+    rng = np.random.default_rng(cfg.seed)
+    n = cfg.num_train + cfg.num_eval
+    if cfg.dtype == "uint8":
+        x = rng.integers(0, 256, size=(n, *cfg.shape), dtype=np.uint8)
+        feats = x.reshape(n, -1).astype(np.float32) / 255.0 - 0.5
+        scale: float | None = 1.0 / 255.0
+    else:
+        x = rng.standard_normal(size=(n, *cfg.shape), dtype=np.float32)
+        feats = x.reshape(n, -1)
+        scale = None
+    teacher = rng.standard_normal((feats.shape[1], cfg.num_classes), dtype=np.float32)
+    y = np.argmax(feats @ teacher, axis=1).astype(np.int32)
+    tr, ev = slice(0, cfg.num_train), slice(cfg.num_train, n)
+    return Dataset(
+        "synthetic", Split(x[tr], y[tr]), Split(x[ev], y[ev]), cfg.num_classes, x_scale=scale
+    )
+
+
+def _read_npz(path_str: str, field: str, x_key: str, y_key: str) -> tuple[np.ndarray, np.ndarray]:
+    path = Path(path_str)
+    fix = f"Set data.{field} to a .npz file written by numpy.savez with arrays '{x_key}', '{y_key}'."
+    if not path.is_file():
+        raise UserError(f"data.{field}: {path} does not exist. {fix}")
+    try:
+        with np.load(path, allow_pickle=False) as npz:
+            keys = list(npz.keys())
+            missing = [k for k in (x_key, y_key) if k not in keys]
+            if missing:
+                raise UserError(
+                    f"data.{field}: {path} has no array {missing[0]!r} (it has: "
+                    f"{', '.join(keys) or 'nothing'}). Set data.x_key / data.y_key to the names used."
+                )
+            x, y = npz[x_key], npz[y_key]
+    except UserError:
+        raise
+    except (ValueError, OSError, zipfile.BadZipFile, EOFError) as e:
+        raise UserError(f"data.{field}: {path} is not a readable .npz file ({e}). {fix}") from None
+    if x.ndim < 2 or y.ndim != 1 or len(x) != len(y):
+        raise UserError(
+            f"data.{field}: {path}: expected {x_key} of shape (N, ...) and {y_key} of shape (N,), "
+            f"got {x.shape} and {y.shape}"
+        )
+    if not np.issubdtype(y.dtype, np.integer):
+        raise UserError(
+            f"data.{field}: {path}: labels {y_key!r} must be integers (class ids), got {y.dtype}"
+        )
+    if y.min() < 0:
+        raise UserError(f"data.{field}: {path}: labels must be >= 0, found {int(y.min())}")
+    if not (np.issubdtype(x.dtype, np.number) or x.dtype == np.bool_):
+        raise UserError(f"data.{field}: {path}: inputs must be numeric, got {x.dtype}")
+    return x, y.astype(np.int32)
+
+
+def load_npz(cfg: Any) -> Dataset:
+    """A user's arrays; uint8 inputs are normalised to [0, 1] on device, others cast to float32."""
+    x, y = _read_npz(cfg.path, "path", cfg.x_key, cfg.y_key)
+    if cfg.eval_path is not None:
+        ex, ey = _read_npz(cfg.eval_path, "eval_path", cfg.x_key, cfg.y_key)
+        if ex.shape[1:] != x.shape[1:]:
+            raise UserError(
+                f"data.eval_path: eval inputs have shape {ex.shape[1:]} per example but the "
+                f"training inputs have {x.shape[1:]}"
+            )
+        train, ev = Split(x, y), Split(ex, ey)
+    else:
+        train, ev = _holdout(x, y, cfg.eval_fraction, cfg.split_seed)
+    if x.dtype == np.uint8:
+        scale: float | None = 1.0 / 255.0
+    else:
+        train = Split(train.x.astype(np.float32), train.y)
+        ev = Split(ev.x.astype(np.float32), ev.y)
+        scale = None
+    num_classes = int(max(train.y.max(), ev.y.max())) + 1
+    return Dataset(Path(cfg.path).stem, train, ev, max(num_classes, 2), x_scale=scale)
+
+
+SOURCES = {"digits": load_digits, "synthetic": make_synthetic, "npz": load_npz}

@@ -1,0 +1,79 @@
+"""Models by name: `model: {name: mlp, ...}` in the config picks a builder from the registry.
+
+Every model is a Flax NNX module called as `model(x, train=..., rngs=...)` and returns logits of
+shape (batch, num_outputs). Inputs arrive already normalised to float32.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from flax import nnx
+
+from accelctl.models.cnn import CNN
+from accelctl.models.mlp import MLP
+
+BuildFn = Callable[[Any, tuple[int, ...], int, nnx.Rngs], nnx.Module]
+
+_REGISTRY: dict[str, BuildFn] = {}
+
+
+def register(name: str) -> Callable[[BuildFn], BuildFn]:
+    """Register a builder `fn(model_cfg, input_shape, num_outputs, rngs) -> nnx.Module`."""
+
+    def wrap(fn: BuildFn) -> BuildFn:
+        if name in _REGISTRY:
+            raise ValueError(f"model {name!r} is already registered")
+        _REGISTRY[name] = fn
+        return fn
+
+    return wrap
+
+
+def names() -> list[str]:
+    """Return the registered model names."""
+    return sorted(_REGISTRY)
+
+
+def build(cfg: Any, input_shape: tuple[int, ...], num_outputs: int, *, rngs: nnx.Rngs) -> nnx.Module:
+    """Build the model named by `cfg.name`.
+
+    Args:
+        cfg: the `model` config section (MLPConfig, CNNConfig, ...).
+        input_shape: shape of one example, without the batch dimension.
+        num_outputs: number of logits (classes).
+        rngs: parameter initialisation keys.
+    Returns:
+        The initialised NNX module.
+    """
+    return _REGISTRY[cfg.name](cfg, input_shape, num_outputs, rngs)
+
+
+@register("mlp")
+def _build_mlp(cfg: Any, input_shape: tuple[int, ...], num_outputs: int, rngs: nnx.Rngs) -> MLP:
+    return MLP(
+        input_shape,
+        cfg.hidden,
+        num_outputs,
+        activation=cfg.activation,
+        dropout=cfg.dropout,
+        rngs=rngs,
+    )
+
+
+@register("cnn")
+def _build_cnn(cfg: Any, input_shape: tuple[int, ...], num_outputs: int, rngs: nnx.Rngs) -> CNN:
+    kernels = cfg.kernels if isinstance(cfg.kernels, tuple) else (cfg.kernels,) * len(cfg.channels)
+    return CNN(
+        input_shape,
+        channels=cfg.channels,
+        kernels=kernels,
+        pool=cfg.pool,
+        batch_norm=cfg.batch_norm,
+        dense=cfg.dense,
+        num_outputs=num_outputs,
+        activation=cfg.activation,
+        dropout=cfg.dropout,
+        rngs=rngs,
+    )

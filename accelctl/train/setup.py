@@ -1,0 +1,184 @@
+"""Everything a run needs before its first step: mesh, data, state, compiled steps.
+
+The state is initialised by `jax.jit(init, out_shardings=...)` from `jax.eval_shape`, so every
+array is created directly with its final sharding; the train step is compiled ahead of time with
+the real input shardings and donated state, and that compile is timed.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+from jax.sharding import Mesh
+
+from accelctl import data, models, optim, parallel
+from accelctl.config import Config
+from accelctl.data import Dataset
+from accelctl.train.state import TrainState, zero_sums
+from accelctl.train.step import (
+    StepConfig,
+    make_eval_step,
+    make_plateau_step,
+    make_take_sums,
+    make_train_step,
+)
+
+
+@dataclass
+class Setup:
+    """A ready-to-run training job."""
+
+    cfg: Config
+    mesh: Mesh
+    dataset: Dataset
+    batch_size: int
+    eval_batch_size: int
+    steps_per_epoch: int
+    total_steps: int
+    state: TrainState
+    train_step: Callable[..., Any]
+    eval_step: Callable[..., Any]
+    take_sums: Callable[..., Any]
+    zero_eval_sums: Callable[[], Any]
+    plateau_step: Callable[..., Any] | None
+    put_fn: Callable[[data.HostBatch], Any]
+    compile_time_s: float
+    num_params: int
+    traces: dict[str, int] = field(default_factory=dict)
+
+
+def _counted(fn: Callable[..., Any], name: str, traces: dict[str, int]) -> Callable[..., Any]:
+    """Wrap `fn` so each trace (compilation) is counted: a recompile shows as a count > 1."""
+
+    def traced(*args: Any) -> Any:
+        traces[name] = traces.get(name, 0) + 1
+        return fn(*args)
+
+    traced.__name__ = name
+    return traced
+
+
+def _check_sizes(cfg: Config, mesh: Mesh, ds: Dataset) -> tuple[int, int, int, int]:
+    batch = cfg.train.batch_size
+    eval_batch = cfg.train.eval_batch_size or batch
+    parallel.check_batch_size(cfg, mesh, batch, "batch_size")
+    parallel.check_batch_size(
+        cfg, mesh, eval_batch, "eval_batch_size" if cfg.train.eval_batch_size else "batch_size"
+    )
+    steps_per_epoch = len(ds.train) // batch
+    if steps_per_epoch == 0:
+        raise cfg.error_at(
+            ("train", "batch_size"),
+            f"{batch} is larger than the {len(ds.train)} training examples; lower it",
+        )
+    total = cfg.train.steps or cfg.train.epochs * steps_per_epoch
+    return batch, eval_batch, steps_per_epoch, total
+
+
+def make_setup(cfg: Config) -> Setup:
+    """Build the mesh, load the data, initialise the sharded state and compile the steps.
+
+    Args:
+        cfg: validated config.
+    Returns:
+        Setup with the initial state on the devices and the compiled step functions.
+    Raises:
+        ConfigError / UserError: bad sizes for the devices, unreadable data.
+    """
+    mesh = parallel.make_mesh(cfg)
+    ds = data.build(cfg.data)
+    batch, eval_batch, steps_per_epoch, total = _check_sizes(cfg, mesh, ds)
+    opt = optim.build(cfg.optimizer, cfg.schedule, total)
+
+    def make_model(key: jax.Array) -> nnx.Module:
+        return models.build(cfg.model, ds.input_shape, ds.num_classes, rngs=nnx.Rngs(params=key))
+
+    abstract_model = nnx.eval_shape(lambda: make_model(jax.random.key(0)))
+    graphdef, _, _ = nnx.split(abstract_model, nnx.Param, ...)
+
+    def init() -> TrainState:
+        root = jax.random.key(cfg.train.seed)
+        param_key, dropout_key = jax.random.split(root)
+        _, params, model_state = nnx.split(make_model(param_key), nnx.Param, ...)
+        return TrainState(
+            step=jnp.zeros((), jnp.int32),
+            params=params,
+            model_state=model_state,
+            opt_state=opt.tx.init(params),
+            rng=dropout_key,
+            plateau=opt.plateau.init(params) if opt.plateau is not None else None,
+            sums=zero_sums(),
+        )
+
+    state_sh = parallel.state_shardings(mesh, jax.eval_shape(init), cfg.parallel.strategy)
+    state = jax.jit(init, out_shardings=state_sh)()
+    num_params = sum(int(x.size) for x in jax.tree.leaves(state.params))
+
+    sc = StepConfig(
+        graphdef=graphdef,
+        optimizer=opt,
+        loss=cfg.train.loss,
+        label_smoothing=cfg.train.label_smoothing,
+        x_scale=ds.x_scale,
+    )
+    batch_sh, repl = parallel.batch_sharding(mesh), parallel.replicated(mesh)
+    traces: dict[str, int] = {}
+    train_jit = jax.jit(
+        _counted(make_train_step(sc), "train_step", traces),
+        in_shardings=(state_sh, batch_sh),
+        out_shardings=(state_sh, repl),
+        donate_argnums=0,
+    )
+    x, y = ds.train.x, ds.train.y
+    abstract_batch = {
+        "x": jax.ShapeDtypeStruct((batch, *x.shape[1:]), x.dtype, sharding=batch_sh),
+        "y": jax.ShapeDtypeStruct((batch,), y.dtype, sharding=batch_sh),
+    }
+    t0 = time.perf_counter()
+    train_step = train_jit.lower(state, abstract_batch).compile()
+    compile_time_s = time.perf_counter() - t0
+
+    eval_step = jax.jit(
+        _counted(make_eval_step(sc), "eval_step", traces),
+        in_shardings=(state_sh, batch_sh, repl),
+        out_shardings=repl,
+    )
+    take_sums = jax.jit(
+        _counted(make_take_sums(sc), "take_sums", traces),
+        in_shardings=(state_sh,),
+        out_shardings=(state_sh, repl),
+        donate_argnums=0,
+    )
+    plateau_step = None
+    if opt.plateau is not None and opt.plateau_monitor == "eval_loss":
+        plateau_step = jax.jit(
+            make_plateau_step(sc),
+            in_shardings=(state_sh, repl),
+            out_shardings=state_sh,
+            donate_argnums=0,
+        )
+    return Setup(
+        cfg=cfg,
+        mesh=mesh,
+        dataset=ds,
+        batch_size=batch,
+        eval_batch_size=eval_batch,
+        steps_per_epoch=steps_per_epoch,
+        total_steps=total,
+        state=state,
+        train_step=train_step,
+        eval_step=eval_step,
+        take_sums=take_sums,
+        zero_eval_sums=jax.jit(zero_sums, out_shardings=repl),
+        plateau_step=plateau_step,
+        put_fn=data.make_put_fn(batch_sh),
+        compile_time_s=compile_time_s,
+        num_params=num_params,
+        traces=traces,
+    )

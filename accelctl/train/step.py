@@ -1,0 +1,150 @@
+"""Pure, jittable train and eval steps: no I/O, no logging, no host synchronisation.
+
+The NNX model is split once (graphdef + states); steps merge it inside the trace, so the
+per-step Python cost is only the jitted call.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+
+from accelctl.optim import Optimizer
+from accelctl.train.losses import LOSSES, correct
+from accelctl.train.state import TrainState, zero_sums
+
+Batch = dict[str, jax.Array]
+
+
+@dataclass(frozen=True)
+class StepConfig:
+    """What the step functions need besides the state: fixed at trace time."""
+
+    graphdef: nnx.GraphDef[Any]
+    optimizer: Optimizer
+    loss: str
+    label_smoothing: float
+    x_scale: float | None  # integer inputs are cast and scaled on device
+
+
+def _inputs(x: jax.Array, x_scale: float | None) -> jax.Array:
+    if x_scale is None:
+        return x.astype(jnp.float32)
+    return x.astype(jnp.float32) * jnp.float32(x_scale)
+
+
+def _forward(
+    sc: StepConfig, params: nnx.State, model_state: nnx.State, x: jax.Array, *, train: bool,
+    dropout_key: jax.Array | None = None,
+) -> tuple[jax.Array, nnx.State]:
+    # copy=True: the states come from an outer trace; NNX variables must be fresh here.
+    model = nnx.merge(sc.graphdef, params, model_state, copy=True)
+    rngs = nnx.Rngs(dropout=dropout_key) if dropout_key is not None else None
+    logits = model(_inputs(x, sc.x_scale), train=train, rngs=rngs)
+    _, _, new_model_state = nnx.split(model, nnx.Param, ...)
+    return logits, new_model_state
+
+
+def make_train_step(sc: StepConfig) -> Callable[[TrainState, Batch], tuple[TrainState, Batch]]:
+    """Return train_step(state, batch) -> (state, metrics).
+
+    Args:
+        sc: graphdef, optimizer, loss and input scaling.
+    Returns:
+        A pure function. batch: {"x": (B, ...), "y": (B,)} sharded along `data`. metrics:
+        {"loss": scalar mean loss of this step}. The state's running sums are updated on device.
+    """
+    loss_fn = LOSSES[sc.loss]
+    opt = sc.optimizer
+
+    def train_step(state: TrainState, batch: Batch) -> tuple[TrainState, Batch]:
+        dropout_key = jax.random.fold_in(state.rng, state.step)
+
+        def objective(params: nnx.State, model_state: nnx.State) -> tuple[jax.Array, Any]:
+            logits, new_model_state = _forward(
+                sc, params, model_state, batch["x"], train=True, dropout_key=dropout_key
+            )
+            losses = loss_fn(logits, batch["y"], label_smoothing=sc.label_smoothing)
+            return jnp.mean(losses), (logits, new_model_state)
+
+        grad_fn = jax.value_and_grad(objective, has_aux=True)
+        (loss, (logits, model_state)), grads = grad_fn(state.params, state.model_state)
+        updates, opt_state = opt.tx.update(grads, state.opt_state, state.params)
+        plateau = state.plateau
+        if opt.plateau is not None:
+            if opt.plateau_monitor == "train_loss":
+                _, plateau = opt.plateau.update({}, plateau, value=loss)
+            updates = jax.tree.map(lambda u: u * plateau.scale, updates)
+        params = optax.apply_updates(state.params, updates)
+        n = jnp.float32(batch["y"].shape[0])
+        sums = {
+            "loss_sum": state.sums["loss_sum"] + loss * n,
+            "correct": state.sums["correct"] + jnp.sum(correct(logits, batch["y"])),
+            "count": state.sums["count"] + n,
+        }
+        new_state = state.replace(
+            step=state.step + 1,
+            params=params,
+            model_state=model_state,
+            opt_state=opt_state,
+            plateau=plateau,
+            sums=sums,
+        )
+        return new_state, {"loss": loss}
+
+    return train_step
+
+
+def make_eval_step(sc: StepConfig) -> Callable[[TrainState, Batch, Batch], Batch]:
+    """Return eval_step(state, batch, sums) -> sums, adding this batch's masked sums.
+
+    batch: {"x", "y", "mask"}; padded rows have mask 0 and do not count.
+    """
+    loss_fn = LOSSES[sc.loss]
+
+    def eval_step(state: TrainState, batch: Batch, sums: Batch) -> Batch:
+        logits, _ = _forward(sc, state.params, state.model_state, batch["x"], train=False)
+        mask = batch["mask"]
+        losses = loss_fn(logits, batch["y"], label_smoothing=sc.label_smoothing)
+        return {
+            "loss_sum": sums["loss_sum"] + jnp.sum(losses * mask),
+            "correct": sums["correct"] + jnp.sum(correct(logits, batch["y"]) * mask),
+            "count": sums["count"] + jnp.sum(mask),
+        }
+
+    return eval_step
+
+
+def make_take_sums(sc: StepConfig) -> Callable[[TrainState], tuple[TrainState, Batch]]:
+    """Return take_sums(state) -> (state with zeroed sums, sums + current lr).
+
+    Called once per log interval, so resetting costs no per-step work.
+    """
+    opt = sc.optimizer
+
+    def take_sums(state: TrainState) -> tuple[TrainState, Batch]:
+        lr = jnp.asarray(opt.lr_fn(jnp.maximum(state.step - 1, 0)), jnp.float32)
+        if opt.plateau is not None:
+            lr = lr * state.plateau.scale
+        return state.replace(sums=zero_sums()), {**state.sums, "lr": lr}
+
+    return take_sums
+
+
+def make_plateau_step(sc: StepConfig) -> Callable[[TrainState, Batch], TrainState]:
+    """Return plateau_step(state, eval_sums) -> state, feeding the eval loss to the plateau."""
+    plateau = sc.optimizer.plateau
+    assert plateau is not None
+
+    def plateau_step(state: TrainState, eval_sums: Batch) -> TrainState:
+        value = eval_sums["loss_sum"] / jnp.maximum(eval_sums["count"], 1.0)
+        _, new = plateau.update({}, state.plateau, value=value)
+        return state.replace(plateau=new)
+
+    return plateau_step
