@@ -182,8 +182,10 @@ class ScheduleConfig(_Section):
     factor: Annotated[float, Field(gt=0.0, lt=1.0)] = Field(
         0.5, description="plateau: lr multiplier on a plateau."
     )
-    patience: NonNegativeInt = Field(
-        3, description="plateau: evaluations (or accumulated train windows) without improvement."
+    patience: PositiveInt = Field(
+        3,
+        description="plateau: evaluations (or accumulated train windows) without improvement "
+        "before the lr is multiplied by factor.",
     )
     cooldown: NonNegativeInt = Field(0, description="plateau: waits after a reduction.")
     rtol: NonNegativeFloat = Field(1e-4, description="plateau: relative improvement threshold.")
@@ -210,7 +212,9 @@ class TrainConfig(_Section):
     batch_size: PositiveInt = Field(
         128, description="Global batch size (all devices); must divide by the data-axis size."
     )
-    epochs: PositiveInt = Field(10, description="Passes over the training set (unless steps).")
+    epochs: PositiveInt | None = Field(
+        None, description="Passes over the training set; default 10 when steps is not set."
+    )
     steps: PositiveInt | None = Field(None, description="Total steps; overrides epochs when set.")
     seed: int = Field(0, description="Seed of initialisation, shuffling and dropout.")
     log_every: PositiveInt = Field(50, description="Steps between metric reads/log lines.")
@@ -225,11 +229,15 @@ class TrainConfig(_Section):
     )
     label_smoothing: Fraction = Field(0.0, description="Label smoothing for cross_entropy.")
 
-    @model_validator(mode="after")
-    def _epochs_or_steps(self) -> TrainConfig:
-        if self.steps is not None and "epochs" in self.model_fields_set:
-            raise ValueError("set either epochs or steps, not both")
-        return self
+    @model_validator(mode="before")
+    @classmethod
+    def _epochs_or_steps(cls, data: Any) -> Any:
+        if isinstance(data, dict):
+            if data.get("steps") is not None and data.get("epochs") is not None:
+                raise ValueError("set either epochs or steps, not both")
+            if data.get("steps") is None and data.get("epochs") is None:
+                data = {**data, "epochs": 10}
+        return data
 
 
 class MeshConfig(_Section):

@@ -56,8 +56,10 @@ class JsonlWriter:
 
 
 def _fmt(value: Any, spec: str = ".4f") -> str:
-    return "-" if value is None or (isinstance(value, float) and math.isnan(value)) else format(
-        value, spec
+    return (
+        "-"
+        if value is None or (isinstance(value, float) and math.isnan(value))
+        else format(value, spec)
     )
 
 

@@ -54,7 +54,7 @@ def make_mesh(cfg: Config) -> Mesh:
 
 
 def check_batch_size(cfg: Config, mesh: Mesh, batch_size: int, field: str) -> None:
-    """Raise a located ConfigError unless `batch_size` splits evenly over data axis and processes."""
+    """Raise a located ConfigError unless `batch_size` splits over the data axis and processes."""
     parts = mesh.shape["data"]
     if batch_size % parts or batch_size % jax.process_count():
         lower, upper = (batch_size // parts) * parts, (batch_size // parts + 1) * parts

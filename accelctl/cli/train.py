@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
+from typing import Annotated
 
 import typer
 
@@ -12,18 +13,23 @@ from accelctl.cli.common import run_guarded
 
 
 def train_command(
-    config: Path = typer.Argument(..., help="YAML config file (see configs/)."),
-    set_: list[str] = typer.Option(
-        [], "--set", help="Override a field: --set optimizer.lr=3e-4 (repeatable)."
-    ),
-    run_dir: Path | None = typer.Option(
-        None, "--run-dir", help="Run directory (default: runs/<config-name>-<timestamp>/)."
-    ),
-    json_out: str | None = typer.Option(
-        None, "--json", help="Also write the summary as JSON to PATH ('-' for stdout)."
-    ),
-    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress output."),
-    debug: bool = typer.Option(False, "--debug", help="Show tracebacks for input errors too."),
+    config: Annotated[Path, typer.Argument(help="YAML config file (see configs/).")],
+    set_: Annotated[
+        list[str] | None,
+        typer.Option("--set", help="Override a field: --set optimizer.lr=3e-4 (repeatable)."),
+    ] = None,
+    run_dir: Annotated[
+        Path | None,
+        typer.Option("--run-dir", help="Run directory (default: runs/<config-name>-<timestamp>/)."),
+    ] = None,
+    json_out: Annotated[
+        str | None,
+        typer.Option("--json", help="Also write the summary as JSON to PATH ('-' for stdout)."),
+    ] = None,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress output.")] = False,
+    debug: Annotated[
+        bool, typer.Option("--debug", help="Show tracebacks for input errors too.")
+    ] = False,
 ) -> None:
     """Train a model as the config describes; writes config.yaml, metrics.jsonl, summary.json."""
 
@@ -31,7 +37,7 @@ def train_command(
         from accelctl import config as config_mod
         from accelctl.train import default_run_dir, train
 
-        cfg = config_mod.load(config, set_)
+        cfg = config_mod.load(config, set_ or [])
         target = run_dir or default_run_dir(cfg, config.stem)
         return train(cfg, run_dir=target, quiet=quiet, description=config.stem)
 

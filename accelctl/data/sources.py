@@ -85,7 +85,10 @@ def make_synthetic(cfg: Any) -> Dataset:
 
 def _read_npz(path_str: str, field: str, x_key: str, y_key: str) -> tuple[np.ndarray, np.ndarray]:
     path = Path(path_str)
-    fix = f"Set data.{field} to a .npz file written by numpy.savez with arrays '{x_key}', '{y_key}'."
+    fix = (
+        f"Set data.{field} to a .npz file written by numpy.savez with arrays "
+        f"'{x_key}' and '{y_key}'."
+    )
     if not path.is_file():
         raise UserError(f"data.{field}: {path} does not exist. {fix}")
     try:
@@ -95,7 +98,8 @@ def _read_npz(path_str: str, field: str, x_key: str, y_key: str) -> tuple[np.nda
             if missing:
                 raise UserError(
                     f"data.{field}: {path} has no array {missing[0]!r} (it has: "
-                    f"{', '.join(keys) or 'nothing'}). Set data.x_key / data.y_key to the names used."
+                    f"{', '.join(keys) or 'nothing'}). Set data.x_key / data.y_key to the "
+                    "names used."
                 )
             x, y = npz[x_key], npz[y_key]
     except UserError:

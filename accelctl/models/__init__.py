@@ -36,7 +36,9 @@ def names() -> list[str]:
     return sorted(_REGISTRY)
 
 
-def build(cfg: Any, input_shape: tuple[int, ...], num_outputs: int, *, rngs: nnx.Rngs) -> nnx.Module:
+def build(
+    cfg: Any, input_shape: tuple[int, ...], num_outputs: int, *, rngs: nnx.Rngs
+) -> nnx.Module:
     """Build the model named by `cfg.name`.
 
     Args:

@@ -33,7 +33,9 @@ class CNN(nnx.Module):
         h, w, c = shape
         convs, norms = [], []
         for ch, k in zip(channels, kernels, strict=True):
-            convs.append(nnx.Conv(c, ch, (k, k), padding="SAME", use_bias=not batch_norm, rngs=rngs))
+            convs.append(
+                nnx.Conv(c, ch, (k, k), padding="SAME", use_bias=not batch_norm, rngs=rngs)
+            )
             norms.append(nnx.BatchNorm(ch, momentum=0.9, rngs=rngs) if batch_norm else None)
             c = ch
             if pool != "none":

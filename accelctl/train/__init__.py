@@ -20,13 +20,18 @@ def default_run_dir(cfg: Config, config_name: str) -> Path:
     return Path(cfg.output.root) / f"{cfg.output.name or config_name}-{stamp}"
 
 
-def _prepare_run_dir(run_dir: Path) -> None:
+def _check_run_dir(run_dir: Path) -> None:
     existing = [name for name in _OUTPUTS if (run_dir / name).exists()]
     if existing:
         raise UserError(
             f"--run-dir {run_dir} already holds a run ({', '.join(existing)}); nothing was "
             "overwritten. Choose a new --run-dir or leave it out for a fresh timestamped one."
         )
+    if run_dir.exists() and not run_dir.is_dir():
+        raise UserError(f"--run-dir {run_dir} is a file, not a directory; choose another path")
+
+
+def _make_run_dir(run_dir: Path) -> None:
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
     except OSError as e:
@@ -51,11 +56,12 @@ def train(
     from accelctl.train.loop import run
     from accelctl.train.setup import make_setup
 
+    _check_run_dir(run_dir)
     setup = make_setup(cfg)  # config/data errors surface before anything is written
     is_main = jax.process_index() == 0
     writers: list[MetricWriter] = []
     if is_main:
-        _prepare_run_dir(run_dir)
+        _make_run_dir(run_dir)
         (run_dir / "config.yaml").write_text(cfg.to_yaml(), encoding="utf-8")
         writers.append(JsonlWriter(run_dir / "metrics.jsonl"))
         if not quiet:

@@ -109,7 +109,8 @@ def run(setup: Setup, writer: MetricWriter, *, description: str = "train") -> di
             if steady_t0 is None:
                 # One sync after the first step: throughput is measured from here on.
                 jax.block_until_ready(state.step)
-                steady_t0, steady_step, steady_wait0 = time.perf_counter(), done, batches.wait_time_s
+                steady_t0, steady_step = time.perf_counter(), done
+                steady_wait0 = batches.wait_time_s
             if done % tc.log_every == 0 or done == total:
                 state, sums = setup.take_sums(state)
                 now = time.perf_counter()
@@ -122,8 +123,9 @@ def run(setup: Setup, writer: MetricWriter, *, description: str = "train") -> di
             if eval_due or done == total:
                 t0 = time.perf_counter()
                 state, final_eval = evaluate(setup, state)
-                writer.write({"event": "eval", "step": done, "epoch": (done - 1) // spe + 1,
-                              **final_eval})
+                writer.write(
+                    {"event": "eval", "step": done, "epoch": (done - 1) // spe + 1, **final_eval}
+                )
                 eval_time += time.perf_counter() - t0
                 last_flush += time.perf_counter() - t0
         jax.block_until_ready(state)
@@ -137,8 +139,10 @@ def run(setup: Setup, writer: MetricWriter, *, description: str = "train") -> di
     steady_s = end - steady_t0 - eval_time
     steady_steps = total - steady_step
     train_s = end - wall0 - eval_time
-    samples_per_s = steady_steps * batch / steady_s if steady_steps and steady_s > 0 else (
-        total * batch / train_s
+    samples_per_s = (
+        steady_steps * batch / steady_s
+        if steady_steps and steady_s > 0
+        else (total * batch / train_s)
     )
     setup.state = state
     return {
@@ -159,7 +163,8 @@ def run(setup: Setup, writer: MetricWriter, *, description: str = "train") -> di
         "eval_time_s": eval_time,
         "input_wait_s": wait_total,
         "input_wait_fraction": wait_total / train_s if train_s > 0 else 0.0,
-        "steady_input_wait_fraction": (wait_total - steady_wait0) / steady_s if steady_s > 0
+        "steady_input_wait_fraction": (wait_total - steady_wait0) / steady_s
+        if steady_s > 0
         else 0.0,
         "traces": dict(setup.traces),
     }

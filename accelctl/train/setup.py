@@ -77,7 +77,7 @@ def _check_sizes(cfg: Config, mesh: Mesh, ds: Dataset) -> tuple[int, int, int, i
             ("train", "batch_size"),
             f"{batch} is larger than the {len(ds.train)} training examples; lower it",
         )
-    total = cfg.train.steps or cfg.train.epochs * steps_per_epoch
+    total = cfg.train.steps or (cfg.train.epochs or 10) * steps_per_epoch
     return batch, eval_batch, steps_per_epoch, total
 
 

@@ -40,7 +40,12 @@ def _inputs(x: jax.Array, x_scale: float | None) -> jax.Array:
 
 
 def _forward(
-    sc: StepConfig, params: nnx.State, model_state: nnx.State, x: jax.Array, *, train: bool,
+    sc: StepConfig,
+    params: nnx.State,
+    model_state: nnx.State,
+    x: jax.Array,
+    *,
+    train: bool,
     dropout_key: jax.Array | None = None,
 ) -> tuple[jax.Array, nnx.State]:
     # copy=True: the states come from an outer trace; NNX variables must be fresh here.

@@ -1,0 +1,33 @@
+"""Test setup: 8 fake CPU devices, forced before jax is imported anywhere."""
+
+from __future__ import annotations
+
+import os
+
+os.environ["XLA_FLAGS"] = (
+    os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
+).strip()
+os.environ["JAX_PLATFORMS"] = "cpu"
+
+from collections.abc import Sequence  # noqa: E402
+
+import pytest  # noqa: E402
+
+from accelctl import config  # noqa: E402
+
+TINY = """
+model: {name: mlp, hidden: [16]}
+data: {source: synthetic, shape: [4, 4, 1], num_train: 256, num_eval: 100, num_classes: 4}
+optimizer: {name: adam, lr: 0.01}
+train: {batch_size: 32, steps: 12, log_every: 4, eval_every: 6}
+"""
+
+
+@pytest.fixture
+def tiny_config():
+    """Return a factory: tiny_config(["train.steps=5", ...]) -> validated Config."""
+
+    def make(overrides: Sequence[str] = (), text: str = TINY) -> config.Config:
+        return config.load_text(text, "tiny.yaml", overrides)
+
+    return make
