@@ -188,7 +188,9 @@ class ScheduleConfig(_Section):
         "before the lr is multiplied by factor.",
     )
     cooldown: NonNegativeInt = Field(0, description="plateau: waits after a reduction.")
-    rtol: NonNegativeFloat = Field(1e-4, description="plateau: relative improvement threshold.")
+    rtol: Annotated[float, Field(ge=0.0, lt=1.0)] = Field(
+        1e-4, description="plateau: relative improvement threshold (0..1)."
+    )
     atol: NonNegativeFloat = Field(0.0, description="plateau: absolute improvement threshold.")
     min_scale: PositiveFloat = Field(1e-3, description="plateau: lowest lr multiplier.")
     accumulation_size: PositiveInt = Field(
@@ -202,6 +204,8 @@ class ScheduleConfig(_Section):
                 raise ValueError("piecewise needs boundaries and factors of the same length")
             if list(self.boundaries) != sorted(set(self.boundaries)):
                 raise ValueError("piecewise boundaries must be strictly increasing")
+        if self.name == "plateau" and not (self.rtol > 0 or self.atol > 0):
+            raise ValueError("plateau needs rtol > 0 or atol > 0 (what counts as an improvement)")
         if self.name == "step" and self.step_every is None:
             raise ValueError("step needs step_every (multiply lr by gamma every N steps)")
         return self

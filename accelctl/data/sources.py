@@ -92,7 +92,12 @@ def _read_npz(path_str: str, field: str, x_key: str, y_key: str) -> tuple[np.nda
     if not path.is_file():
         raise UserError(f"data.{field}: {path} does not exist. {fix}")
     try:
-        with np.load(path, allow_pickle=False) as npz:
+        loaded = np.load(path, allow_pickle=False)
+        if not isinstance(loaded, np.lib.npyio.NpzFile):
+            raise UserError(
+                f"data.{field}: {path} holds a single array (.npy), not named arrays. {fix}"
+            )
+        with loaded as npz:
             keys = list(npz.keys())
             missing = [k for k in (x_key, y_key) if k not in keys]
             if missing:
@@ -111,6 +116,8 @@ def _read_npz(path_str: str, field: str, x_key: str, y_key: str) -> tuple[np.nda
             f"data.{field}: {path}: expected {x_key} of shape (N, ...) and {y_key} of shape (N,), "
             f"got {x.shape} and {y.shape}"
         )
+    if len(y) == 0:
+        raise UserError(f"data.{field}: {path} holds no examples ({x_key} has length 0)")
     if not np.issubdtype(y.dtype, np.integer):
         raise UserError(
             f"data.{field}: {path}: labels {y_key!r} must be integers (class ids), got {y.dtype}"
@@ -131,6 +138,11 @@ def load_npz(cfg: Any) -> Dataset:
             raise UserError(
                 f"data.eval_path: eval inputs have shape {ex.shape[1:]} per example but the "
                 f"training inputs have {x.shape[1:]}"
+            )
+        if (ex.dtype == np.uint8) != (x.dtype == np.uint8):
+            raise UserError(
+                f"data.eval_path: eval inputs are {ex.dtype} but training inputs are {x.dtype}; "
+                "both must be uint8 images (0..255) or both real-valued, so they are scaled alike"
             )
         train, ev = Split(x, y), Split(ex, ey)
     else:
