@@ -40,7 +40,7 @@ WORKLOADS = {
             "activation": "relu",
         },
         "title": "CNN conv32-conv64-dense256",
-        "steps": 300,
+        "steps": 150,
     },
 }
 
@@ -137,6 +137,40 @@ def handwritten(name: str, steps: int, batch: int) -> dict:
     return {"samples_per_s": (steps - 1) * batch / dt}
 
 
+def accelctl_step(name: str, steps: int, batch: int) -> dict:
+    """accelctl's compiled train step alone, fed pre-placed batches like the hand-written loop.
+
+    Separates the cost of the step itself from the cost of the host input pipeline.
+    """
+    import jax
+
+    from accelctl import config, data
+    from accelctl.train.setup import make_setup
+
+    setup = make_setup(config.load_text(config_text(name, steps, batch, 100)))
+    n_batches = min(steps, setup.steps_per_epoch)
+    host = data.train_batches(setup.dataset.train, batch, seed=0, start_step=0, num_steps=n_batches)
+    dev = [setup.put_fn(b) for b in host]
+    state, _ = setup.train_step(setup.state, dev[0])
+    jax.block_until_ready(state)
+    t0 = time.perf_counter()
+    for i in range(1, steps):
+        state, _ = setup.train_step(state, dev[i % n_batches])
+    jax.block_until_ready(state)
+    return {"samples_per_s": (steps - 1) * batch / (time.perf_counter() - t0)}
+
+
+def child(mode: str, name: str, steps: int, batch: int) -> dict:
+    out = subprocess.run(
+        [sys.executable, __file__, f"--{mode}", name, "--steps", str(steps), "--batch", str(batch)],
+        capture_output=True,
+        text=True,
+        check=True,
+        cwd=ROOT,
+    )
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
 def machine() -> str:
     cpu = platform.processor() or ""
     try:
@@ -164,42 +198,33 @@ def main() -> None:
     ap.add_argument("--steps-scale", type=float, default=1.0, help="scale the step counts")
     ap.add_argument("--out", type=Path, default=None, help="write a Markdown report here")
     ap.add_argument("--handwritten", help=argparse.SUPPRESS)  # child-process mode
+    ap.add_argument("--accelctl-step", help=argparse.SUPPRESS)  # child-process mode
     ap.add_argument("--steps", type=int, help=argparse.SUPPRESS)
     args = ap.parse_args()
 
     if args.handwritten:
         print(json.dumps(handwritten(args.handwritten, args.steps, args.batch)))
         return
+    if args.accelctl_step:
+        print(json.dumps(accelctl_step(args.accelctl_step, args.steps, args.batch)))
+        return
 
     rows = []
     for name in args.workloads:
         steps = max(int(WORKLOADS[name]["steps"] * args.steps_scale), 10)
-        acc, ref, waits = [], [], []
+        acc, ref, bare, waits = [], [], [], []
         for rep in range(args.repeats):
             a = run_accelctl(name, steps, args.batch, args.log_every)
-            out = subprocess.run(
-                [
-                    sys.executable,
-                    __file__,
-                    "--handwritten",
-                    name,
-                    "--steps",
-                    str(steps),
-                    "--batch",
-                    str(args.batch),
-                ],
-                capture_output=True,
-                text=True,
-                check=True,
-                cwd=ROOT,
-            )
-            h = json.loads(out.stdout.strip().splitlines()[-1])
+            h = child("handwritten", name, steps, args.batch)
+            b = child("accelctl-step", name, steps, args.batch)
             acc.append(a["samples_per_s"])
             ref.append(h["samples_per_s"])
+            bare.append(b["samples_per_s"])
             waits.append(a["input_wait"])
             print(
                 f"{name} rep {rep}: accelctl {a['samples_per_s']:.0f} samples/s, "
-                f"hand-written {h['samples_per_s']:.0f} samples/s",
+                f"hand-written {h['samples_per_s']:.0f}, accelctl step alone "
+                f"{b['samples_per_s']:.0f}",
                 file=sys.stderr,
             )
         row = {
@@ -210,6 +235,8 @@ def main() -> None:
             "input_wait": statistics.median(waits),
             "runs_accelctl": acc,
             "runs_handwritten": ref,
+            "step_alone": statistics.median(bare),
+            "runs_step_alone": bare,
         }
         row["ratio"] = row["accelctl"] / row["handwritten"]
         rows.append(row)
@@ -233,23 +260,27 @@ def write_report(args: argparse.Namespace, rows: list[dict]) -> None:
         "(after the first step, evaluation excluded), batches fed from the host by the prefetch "
         f"thread, metrics read every {args.log_every} steps. Hand-written: the same model and "
         "optimizer in a plain `jax.jit` step with donated params/opt state and all batches "
-        "already on the device. Median of "
+        "already on the device. 'Step alone': accelctl's compiled step (from `make_setup`) timed "
+        "the same way as the hand-written loop, on pre-placed batches, which separates the step "
+        "from the host input pipeline. Median of "
         f"{args.repeats} alternating runs, each in its own process.",
         "",
-        "| workload | steps | accelctl samples/s | hand-written samples/s | ratio | "
-        "accelctl input wait |",
-        "| --- | --- | --- | --- | --- | --- |",
+        "| workload | steps | accelctl train samples/s | hand-written samples/s | ratio | "
+        "accelctl input wait | accelctl step alone samples/s | step alone / hand-written |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for r in rows:
         lines.append(
             f"| {r['workload']} | {r['steps']} | {r['accelctl']:.0f} | {r['handwritten']:.0f} | "
-            f"{r['ratio']:.3f} | {r['input_wait']:.1%} |"
+            f"{r['ratio']:.3f} | {r['input_wait']:.1%} | {r['step_alone']:.0f} | "
+            f"{r['step_alone'] / r['handwritten']:.3f} |"
         )
     lines += ["", "Individual runs (samples/s):", ""]
     for r in rows:
         lines.append(
             f"- {r['workload']}: accelctl {', '.join(f'{v:.0f}' for v in r['runs_accelctl'])}; "
-            f"hand-written {', '.join(f'{v:.0f}' for v in r['runs_handwritten'])}"
+            f"hand-written {', '.join(f'{v:.0f}' for v in r['runs_handwritten'])}; "
+            f"step alone {', '.join(f'{v:.0f}' for v in r['runs_step_alone'])}"
         )
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text("\n".join(lines) + "\n")
