@@ -1,0 +1,48 @@
+"""The one validated configuration: YAML with line numbers, `--set` overrides, pydantic models.
+
+`load()` returns a frozen `Config`; every error it raises is a `ConfigError` naming the file,
+line, column and dotted field, with the nearest valid key for typos. Checks that need the runtime
+(e.g. the device count) call `Config.error_at(path, msg)` so their messages point at the same
+file position.
+"""
+
+from accelctl.config.loading import load, load_text
+from accelctl.config.schema import (
+    CNNConfig,
+    Config,
+    DataConfig,
+    DigitsData,
+    MeshConfig,
+    MLPConfig,
+    ModelConfig,
+    NpzData,
+    OptimizerConfig,
+    OutputConfig,
+    ParallelConfig,
+    PrecisionConfig,
+    ScheduleConfig,
+    SyntheticData,
+    TrainConfig,
+)
+from accelctl.config.source import ConfigError
+
+__all__ = [
+    "CNNConfig",
+    "Config",
+    "ConfigError",
+    "DataConfig",
+    "DigitsData",
+    "MLPConfig",
+    "MeshConfig",
+    "ModelConfig",
+    "NpzData",
+    "OptimizerConfig",
+    "OutputConfig",
+    "ParallelConfig",
+    "PrecisionConfig",
+    "ScheduleConfig",
+    "SyntheticData",
+    "TrainConfig",
+    "load",
+    "load_text",
+]

@@ -1,0 +1,43 @@
+"""Where each config value came from, and the error type that points there."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from accelctl.errors import UserError
+
+FieldPath = tuple[str | int, ...]
+
+
+class ConfigError(UserError):
+    """The config file or a `--set` override is invalid."""
+
+
+class Source:
+    """Where each field of the raw config came from: file positions and `--set` overrides."""
+
+    def __init__(self, filename: str) -> None:
+        self.filename = filename
+        self.values: dict[FieldPath, tuple[int, int]] = {}
+        self.keys: dict[FieldPath, tuple[int, int]] = {}
+        self.overrides: dict[FieldPath, str] = {}
+
+    def where(self, path: FieldPath, *, key: bool = False) -> str:
+        for item_path, item in self.overrides.items():
+            if item_path[: len(path)] == path:
+                return f"--set {item}"
+        for i in range(len(path), -1, -1):
+            prefix = path[:i]
+            if prefix in self.overrides:
+                return f"--set {self.overrides[prefix]}"
+            pos = (self.keys if key else self.values).get(prefix) or self.values.get(prefix)
+            if pos is not None:
+                return f"{self.filename}:{pos[0]}:{pos[1]}"
+        return self.filename
+
+
+def dotted(path: Sequence[str | int]) -> str:
+    out = ""
+    for part in path:
+        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
+    return out or "<root>"
