@@ -18,9 +18,11 @@ def losses(run_dir) -> list[tuple[int, float]]:
     return [(e["step"], e["loss"]) for e in map(json.loads, lines) if e["event"] == "train"]
 
 
-@pytest.mark.parametrize("model", ["mlp", "cnn"])
-def test_one_and_eight_devices_give_the_same_losses(tiny_config, tmp_path, model):
-    overrides = ["train.log_every=1", "train.steps=8", "data.dtype=float32"]
+@pytest.mark.parametrize(
+    ("model", "cache"), [("mlp", "host"), ("cnn", "host"), ("mlp", "device"), ("cnn", "device")]
+)
+def test_one_and_eight_devices_give_the_same_losses(tiny_config, tmp_path, model, cache):
+    overrides = ["train.log_every=1", "train.steps=8", "data.dtype=float32", f"data.cache={cache}"]
     if model == "cnn":
         overrides += ["model={name: cnn, channels: [4], dense: [8], batch_norm: true}"]
     else:
@@ -40,7 +42,8 @@ def test_one_and_eight_devices_give_the_same_losses(tiny_config, tmp_path, model
 
 
 def test_batch_is_sharded_over_eight_devices(tiny_config):
-    setup = make_setup(tiny_config())
+    setup = make_setup(tiny_config(["data.cache=host"]))
+    assert setup.cache_mode == "host" and setup.device_cache is None
     from accelctl import data
 
     host = next(data.train_batches(setup.dataset.train, 32, seed=0, start_step=0, num_steps=1))
@@ -55,11 +58,31 @@ def test_batch_is_sharded_over_eight_devices(tiny_config):
     assert leaf.sharding.is_fully_replicated
 
 
-def test_loop_compiles_once_and_makes_no_implicit_transfers(tiny_config):
-    cfg = tiny_config(["schedule.name=plateau", "train.steps=12", "train.eval_every=3"])
+def test_device_cache_is_sharded_over_eight_devices(tiny_config):
+    setup = make_setup(tiny_config(["data.cache=device", "data.num_train=250"]))
+    assert setup.cache_mode == "device" and setup.device_cache is not None
+    x = setup.device_cache["x"]
+    # 250 examples padded to 256: each device holds 32 of them, nothing is replicated.
+    assert x.shape == (256, 4, 4, 1) and x.sharding.spec == P("data")
+    assert {s.data.shape for s in x.addressable_shards} == {(32, 4, 4, 1)}
+    assert x.dtype == np.uint8  # cached compact; scaled inside the step
+    np.testing.assert_array_equal(np.asarray(x)[:250], setup.dataset.train.x)
+
+
+def test_auto_cache_picks_the_device_for_a_small_split(tiny_config):
+    setup = make_setup(tiny_config())
+    assert setup.cache_mode == "device" and "fits" in setup.cache_reason
+
+
+@pytest.mark.parametrize("cache", ["host", "device"])
+def test_loop_compiles_once_and_makes_no_implicit_transfers(tiny_config, cache):
+    cfg = tiny_config(
+        ["schedule.name=plateau", "train.steps=12", "train.eval_every=3", f"data.cache={cache}"]
+    )
     setup = make_setup(cfg)
     with jax.transfer_guard("disallow"):
         summary = run(setup, NullWriter())
+    assert summary["data_cache"] == cache
     assert summary["traces"] == {"train_step": 1, "eval_step": 1, "take_sums": 1}
     assert summary["steps"] == 12 and summary["final_eval"]["count"] == 100
     assert 0.0 <= summary["input_wait_fraction"] <= 1.0

@@ -6,27 +6,33 @@ line, column and dotted field, with the nearest valid key for typos. Checks that
 file position.
 """
 
+from accelctl.config.data import (
+    AugmentConfig,
+    DataConfig,
+    DigitsData,
+    NpzData,
+    SyntheticData,
+    TfdsData,
+)
 from accelctl.config.loading import load, load_text
 from accelctl.config.schema import (
     CNNConfig,
     Config,
-    DataConfig,
-    DigitsData,
     MeshConfig,
     MLPConfig,
     ModelConfig,
-    NpzData,
     OptimizerConfig,
     OutputConfig,
     ParallelConfig,
     PrecisionConfig,
+    ResNetConfig,
     ScheduleConfig,
-    SyntheticData,
     TrainConfig,
 )
 from accelctl.config.source import ConfigError
 
 __all__ = [
+    "AugmentConfig",
     "CNNConfig",
     "Config",
     "ConfigError",
@@ -40,8 +46,10 @@ __all__ = [
     "OutputConfig",
     "ParallelConfig",
     "PrecisionConfig",
+    "ResNetConfig",
     "ScheduleConfig",
     "SyntheticData",
+    "TfdsData",
     "TrainConfig",
     "load",
     "load_text",

@@ -7,8 +7,6 @@ from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import (
-    BaseModel,
-    ConfigDict,
     Field,
     NonNegativeFloat,
     NonNegativeInt,
@@ -18,15 +16,12 @@ from pydantic import (
     model_validator,
 )
 
+from accelctl.config.base import Fraction
+from accelctl.config.base import Section as _Section
+from accelctl.config.data import DataConfig, DigitsData
 from accelctl.config.source import ConfigError, Source, dotted
 
-
-class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-
 Activation = Literal["relu", "gelu", "silu", "tanh", "sigmoid"]
-Fraction = Annotated[float, Field(ge=0.0, lt=1.0)]
 
 
 # ----------------------------------------------------------------------------------------- model
@@ -63,55 +58,31 @@ class CNNConfig(_Section):
         return self
 
 
-ModelConfig = Annotated[MLPConfig | CNNConfig, Field(discriminator="name")]
-
-
-# ------------------------------------------------------------------------------------------ data
-class _DataCommon(_Section):
-    prefetch: PositiveInt = Field(
-        2, description="Batches kept ready on the devices by the background prefetch thread."
+class ResNetConfig(_Section):
+    name: Literal["resnet"] = Field(
+        description="Residual network (He et al. 2016) with batch norm; NHWC images."
     )
-
-
-class DigitsData(_DataCommon):
-    source: Literal["digits"] = Field(
-        description="scikit-learn's bundled 8x8 handwritten digits (1797 images, no download)."
+    stage_sizes: tuple[PositiveInt, ...] = Field(
+        (3, 3, 3), description="Residual blocks per stage; (3, 3, 3) with basic blocks = ResNet-20."
     )
-    eval_fraction: Annotated[float, Field(gt=0.0, lt=1.0)] = Field(
-        0.2, description="Fraction held out for evaluation (deterministic split)."
+    width: PositiveInt = Field(
+        16, description="Channels of the first stage; each later stage doubles them (stride 2)."
     )
-    split_seed: int = Field(0, description="Seed of the train/eval split.")
-
-
-class SyntheticData(_DataCommon):
-    source: Literal["synthetic"] = Field(
-        description="Random inputs; labels from a fixed random linear teacher, so it is learnable."
+    block: Literal["basic", "bottleneck"] = Field(
+        "basic", description="basic: two 3x3 convs; bottleneck: 1x1, 3x3, 1x1 (4x expansion)."
     )
-    shape: tuple[PositiveInt, ...] = Field((28, 28, 1), description="Shape of one example.")
-    num_classes: Annotated[int, Field(ge=2)] = Field(10, description="Number of classes.")
-    num_train: PositiveInt = Field(4096, description="Training examples.")
-    num_eval: PositiveInt = Field(1024, description="Evaluation examples.")
-    dtype: Literal["uint8", "float32"] = Field(
-        "uint8", description="uint8 images are normalised on device; float32 are used as is."
+    stem: Literal["cifar", "imagenet"] = Field(
+        "cifar",
+        description="cifar: one 3x3 conv, stride 1 (small images); imagenet: 7x7 stride 2 + "
+        "3x3 max pool.",
     )
-    seed: int = Field(0, description="Seed of the generated data.")
-
-
-class NpzData(_DataCommon):
-    source: Literal["npz"] = Field(description="A user's arrays in a NumPy .npz file.")
-    path: str = Field(description="Path of the .npz file with the training (or all) examples.")
-    eval_path: str | None = Field(
-        None, description="Optional .npz with the eval examples; else eval_fraction is held out."
+    zero_init_residual: bool = Field(
+        True, description="Start each block's last batch-norm scale at 0 (block = identity)."
     )
-    x_key: str = Field("x", description="Array name of the inputs, shape (N, ...).")
-    y_key: str = Field("y", description="Array name of the integer class labels, shape (N,).")
-    eval_fraction: Annotated[float, Field(gt=0.0, lt=1.0)] = Field(
-        0.2, description="Fraction held out for evaluation when eval_path is not given."
-    )
-    split_seed: int = Field(0, description="Seed of the train/eval split.")
+    activation: Activation = Field("relu", description="Non-linearity after each batch norm.")
 
 
-DataConfig = Annotated[DigitsData | SyntheticData | NpzData, Field(discriminator="source")]
+ModelConfig = Annotated[MLPConfig | CNNConfig | ResNetConfig, Field(discriminator="name")]
 
 
 # ------------------------------------------------------------------------------------- optimizer

@@ -1,4 +1,5 @@
-"""Data: sources → host batches (numpy) → prefetch thread → sharded device arrays.
+"""Data: sources → host batches (numpy) → prefetch thread → sharded device arrays, or the whole
+training split cached on the devices (`device_cache`) with batches gathered there.
 
 This package is the only place that moves data onto devices (`make_put_fn`).
 """
@@ -11,19 +12,36 @@ from typing import Any
 import jax
 import numpy as np
 
-from accelctl.data.batches import HostBatch, epoch_permutation, eval_batches, train_batches
+from accelctl.data.augment import augment_images
+from accelctl.data.batches import (
+    DataPosition,
+    HostBatch,
+    epoch_batch_table,
+    epoch_permutation,
+    eval_batches,
+    train_batches,
+)
+from accelctl.data.device_cache import DeviceFeed, make_gather, place_split, plan_cache
 from accelctl.data.prefetch import Prefetcher
-from accelctl.data.sources import SOURCES, Dataset, Split
+from accelctl.data.sources import SOURCES, Dataset, Split, SplitLike
 
 __all__ = [
+    "DataPosition",
     "Dataset",
+    "DeviceFeed",
     "HostBatch",
     "Prefetcher",
     "Split",
+    "SplitLike",
+    "augment_images",
     "build",
+    "epoch_batch_table",
     "epoch_permutation",
     "eval_batches",
+    "make_gather",
     "make_put_fn",
+    "place_split",
+    "plan_cache",
     "train_batches",
 ]
 

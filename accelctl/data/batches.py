@@ -2,15 +2,21 @@
 
 Every batch has a static shape so the jitted step compiles once: training drops the incomplete
 last batch of an epoch; evaluation pads the last batch and marks the padding with `mask = 0`.
+The order of examples is a pure function of (seed, epoch), laid out by `epoch_batch_table`; the
+host path (`train_batches`) and the device cache read the same table, so they give the same
+batches, and a run can start at any step without replaying data (`DataPosition`).
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterator
+from dataclasses import asdict, dataclass
+from typing import Any
 
 import numpy as np
 
-from accelctl.data.sources import Split
+from accelctl.data.sources import SplitLike
+from accelctl.errors import UserError
 
 HostBatch = dict[str, np.ndarray]
 
@@ -20,13 +26,72 @@ def epoch_permutation(n: int, *, seed: int, epoch: int) -> np.ndarray:
     return np.random.default_rng([seed, epoch]).permutation(n)
 
 
+def epoch_batch_table(
+    n: int, batch_size: int, *, seed: int, epoch: int, process_count: int = 1
+) -> np.ndarray:
+    """Return the example indices of every global batch of one epoch.
+
+    Args:
+        n: examples in the split.
+        batch_size: global batch size.
+        seed, epoch: select the permutation (`epoch_permutation`).
+        process_count: each process's contiguous part of a row is sorted (better read locality);
+            row order across processes is kept, so the global batch is the same set of examples.
+    Returns:
+        int32 array (n // batch_size, batch_size); row i is the global batch of step i of the epoch.
+    """
+    steps = n // batch_size
+    perm = epoch_permutation(n, seed=seed, epoch=epoch)[: steps * batch_size]
+    table = perm.reshape(steps, process_count, batch_size // process_count)
+    return np.sort(table, axis=2).reshape(steps, batch_size).astype(np.int32)
+
+
 def _process_slice(batch_size: int, process_index: int, process_count: int) -> slice:
     per_process = batch_size // process_count
     return slice(process_index * per_process, (process_index + 1) * per_process)
 
 
+@dataclass(frozen=True)
+class DataPosition:
+    """Where the input pipeline stands: the next step to run and its place in the epoch.
+
+    Small and JSON-serialisable, so a checkpoint can store it and a resumed run continues with
+    exactly the batch an uninterrupted run would have used next.
+    """
+
+    step: int
+    epoch: int
+    batch_in_epoch: int
+    seed: int
+
+    @classmethod
+    def at(cls, step: int, *, steps_per_epoch: int, seed: int) -> DataPosition:
+        """Return the position before running global step `step` (0-based)."""
+        epoch, i = divmod(step, steps_per_epoch)
+        return cls(step=step, epoch=epoch, batch_in_epoch=i, seed=seed)
+
+    def to_dict(self) -> dict[str, int]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any], *, steps_per_epoch: int) -> DataPosition:
+        """Rebuild a stored position, checking it is consistent with this run's epoch size."""
+        try:
+            pos = cls(**{k: int(d[k]) for k in ("step", "epoch", "batch_in_epoch", "seed")})
+        except (KeyError, TypeError, ValueError) as e:
+            raise UserError(
+                f"stored data position {d!r} is incomplete or malformed ({e})"
+            ) from None
+        if pos != cls.at(pos.step, steps_per_epoch=steps_per_epoch, seed=pos.seed):
+            raise UserError(
+                f"stored data position {d!r} does not match {steps_per_epoch} steps per epoch: "
+                "the batch size or the training split changed since it was written"
+            )
+        return pos
+
+
 def train_batches(
-    split: Split,
+    split: SplitLike,
     batch_size: int,
     *,
     seed: int,
@@ -40,27 +105,31 @@ def train_batches(
     Args:
         split: training examples.
         batch_size: global batch size (all processes).
-        seed: shuffling seed; epoch e uses `epoch_permutation(n, seed=seed, epoch=e)`.
+        seed: shuffling seed (see `epoch_batch_table`).
         start_step: first step to produce (resuming needs no replay of earlier batches).
         num_steps: one past the last step.
-        process_index, process_count: this process's slice of each global batch.
+        process_index, process_count: this process's slice of each global batch; only those
+            examples are read.
     Yields:
         {"x": (batch_size / process_count, ...), "y": (batch_size / process_count,)}.
     """
     steps_per_epoch = len(split) // batch_size
     local = _process_slice(batch_size, process_index, process_count)
-    perm, perm_epoch = None, -1
+    table, table_epoch = None, -1
     for step in range(start_step, num_steps):
         epoch, i = divmod(step, steps_per_epoch)
-        if epoch != perm_epoch:
-            perm, perm_epoch = epoch_permutation(len(split), seed=seed, epoch=epoch), epoch
-        assert perm is not None
-        idx = np.sort(perm[i * batch_size : (i + 1) * batch_size][local])
-        yield {"x": split.x[idx], "y": split.y[idx]}
+        if epoch != table_epoch:
+            table = epoch_batch_table(
+                len(split), batch_size, seed=seed, epoch=epoch, process_count=process_count
+            )
+            table_epoch = epoch
+        assert table is not None
+        x, y = split.take(table[i, local])
+        yield {"x": x, "y": y}
 
 
 def eval_batches(
-    split: Split, batch_size: int, *, process_index: int = 0, process_count: int = 1
+    split: SplitLike, batch_size: int, *, process_index: int = 0, process_count: int = 1
 ) -> Iterator[HostBatch]:
     """Yield the eval split in order, padding the last batch; `mask` is 1 for real examples.
 
@@ -72,9 +141,9 @@ def eval_batches(
     for start in range(0, n, batch_size):
         idx = np.arange(start, start + batch_size)[local]
         valid = idx < n
-        idx = np.where(valid, idx, 0)
+        x, y = split.take(np.where(valid, idx, 0))
         yield {
-            "x": split.x[idx],
-            "y": np.where(valid, split.y[idx], 0).astype(split.y.dtype),
+            "x": x,
+            "y": np.where(valid, y, 0).astype(y.dtype),
             "mask": valid.astype(np.float32),
         }

@@ -1,7 +1,9 @@
-"""Data sources: each returns a `Dataset` of host (numpy) arrays with a fixed train/eval split.
+"""Data sources: each returns a `Dataset` with a fixed train/eval split.
 
-Images stay in their compact integer dtype on the host; `Dataset.x_scale` tells the jitted step how
-to turn them into floats on the device (fewer bytes to move than float32).
+A split is either in host memory (`Split`, numpy arrays) or streamed from files (`tfds` with
+`cache: none`); both answer `take(indices)` with a batch of numpy arrays. Images stay in their
+compact integer dtype on the host; `Dataset.x_scale` (and optional mean/std) tell the jitted step
+how to turn them into floats on the device (4x fewer bytes to move than float32).
 """
 
 from __future__ import annotations
@@ -9,7 +11,7 @@ from __future__ import annotations
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 
@@ -26,14 +28,47 @@ class Split:
     def __len__(self) -> int:
         return int(self.y.shape[0])
 
+    @property
+    def example_shape(self) -> tuple[int, ...]:
+        return tuple(int(d) for d in self.x.shape[1:])
+
+    @property
+    def x_dtype(self) -> np.dtype[Any]:
+        return self.x.dtype
+
+    @property
+    def nbytes(self) -> int:
+        return int(self.x.nbytes + self.y.nbytes)
+
+    def take(self, idx: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Return (x[idx], y[idx]) for an integer index array."""
+        return self.x[idx], self.y[idx]
+
+
+class SplitLike(Protocol):
+    """What batching needs from a split: its size, example layout and batched reads."""
+
+    def __len__(self) -> int: ...
+
+    @property
+    def example_shape(self) -> tuple[int, ...]: ...
+
+    @property
+    def x_dtype(self) -> np.dtype[Any]: ...
+
+    @property
+    def nbytes(self) -> int: ...
+
+    def take(self, idx: np.ndarray) -> tuple[np.ndarray, np.ndarray]: ...
+
 
 @dataclass(frozen=True)
 class Dataset:
     """A train and an eval split plus what the model and the step need to know about them."""
 
     name: str
-    train: Split
-    eval: Split
+    train: SplitLike
+    eval: SplitLike
     num_classes: int
     # Integer inputs are multiplied by this on the device after the cast to float32;
     # None means x is already float32 and used as is.
@@ -41,7 +76,7 @@ class Dataset:
 
     @property
     def input_shape(self) -> tuple[int, ...]:
-        return tuple(int(d) for d in self.train.x.shape[1:])
+        return self.train.example_shape
 
 
 def _holdout(x: np.ndarray, y: np.ndarray, fraction: float, seed: int) -> tuple[Split, Split]:
@@ -157,4 +192,11 @@ def load_npz(cfg: Any) -> Dataset:
     return Dataset(Path(cfg.path).stem, train, ev, max(num_classes, 2), x_scale=scale)
 
 
-SOURCES = {"digits": load_digits, "synthetic": make_synthetic, "npz": load_npz}
+def load_tfds(cfg: Any) -> Dataset:
+    """A tensorflow-datasets image-classification set (imported only when used)."""
+    from accelctl.data import tfds_source
+
+    return tfds_source.load(cfg)
+
+
+SOURCES = {"digits": load_digits, "synthetic": make_synthetic, "npz": load_npz, "tfds": load_tfds}

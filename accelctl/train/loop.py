@@ -65,7 +65,7 @@ def run(setup: Setup, writer: MetricWriter, *, description: str = "train") -> di
     Returns:
         Summary dict: final_eval, steps, train_samples_per_s, input_wait_fraction, wall_time_s, ...
     """
-    cfg, tc = setup.cfg, setup.cfg.train
+    tc = setup.cfg.train
     spe, total, batch = setup.steps_per_epoch, setup.total_steps, setup.batch_size
     state = setup.state
     pending: _Interval | None = None
@@ -93,16 +93,7 @@ def run(setup: Setup, writer: MetricWriter, *, description: str = "train") -> di
             }
         )
 
-    host_batches = data.train_batches(
-        setup.dataset.train,
-        batch,
-        seed=tc.seed,
-        start_step=0,
-        num_steps=total,
-        process_index=jax.process_index(),
-        process_count=jax.process_count(),
-    )
-    with data.Prefetcher(host_batches, setup.put_fn, depth=cfg.data.prefetch) as batches:
+    with setup.make_feed(0, total) as batches:
         for step in range(total):
             state, _ = setup.train_step(state, next(batches))
             done = step + 1
@@ -161,6 +152,7 @@ def run(setup: Setup, writer: MetricWriter, *, description: str = "train") -> di
         "mesh": dict(setup.mesh.shape),
         "processes": jax.process_count(),
         "num_params": setup.num_params,
+        "data_cache": setup.cache_mode,
         "compile_time_s": setup.compile_time_s,
         "wall_time_s": end - wall0,
         "eval_time_s": eval_time,

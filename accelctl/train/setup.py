@@ -8,7 +8,8 @@ the real input shardings and donated state, and that compile is timed.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -19,10 +20,11 @@ from jax.sharding import Mesh
 
 from accelctl import data, models, optim, parallel
 from accelctl.config import Config
-from accelctl.data import Dataset
+from accelctl.data import Dataset, Split
 from accelctl.train.state import TrainState, zero_sums
 from accelctl.train.step import (
     StepConfig,
+    make_cached_train_step,
     make_eval_step,
     make_plateau_step,
     make_take_sums,
@@ -50,7 +52,38 @@ class Setup:
     put_fn: Callable[[data.HostBatch], Any]
     compile_time_s: float
     num_params: int
+    cache_mode: str  # where the training split lives: device, host or none (streamed)
+    cache_reason: str
+    device_cache: dict[str, jax.Array] | None = None
     traces: dict[str, int] = field(default_factory=dict)
+
+    def make_feed(self, start_step: int, num_steps: int) -> AbstractContextManager[Iterator[Any]]:
+        """Return the iterator of train-step inputs for steps [start_step, num_steps).
+
+        Host modes: a `Prefetcher` of sharded batches; device cache: a `DeviceFeed`. Both have
+        `wait_time_s` (time the loop waited for input) and are context managers.
+        """
+        tc = self.cfg.train
+        if self.device_cache is not None:
+            return data.DeviceFeed(
+                self.device_cache,
+                self.mesh,
+                num_examples=len(self.dataset.train),
+                batch_size=self.batch_size,
+                seed=tc.seed,
+                start_step=start_step,
+                num_steps=num_steps,
+            )
+        host_batches = data.train_batches(
+            self.dataset.train,
+            self.batch_size,
+            seed=tc.seed,
+            start_step=start_step,
+            num_steps=num_steps,
+            process_index=jax.process_index(),
+            process_count=jax.process_count(),
+        )
+        return data.Prefetcher(host_batches, self.put_fn, depth=self.cfg.data.prefetch)
 
 
 def _counted(fn: Callable[..., Any], name: str, traces: dict[str, int]) -> Callable[..., Any]:
@@ -81,6 +114,32 @@ def _check_sizes(cfg: Config, mesh: Mesh, ds: Dataset) -> tuple[int, int, int, i
     return batch, eval_batch, steps_per_epoch, total
 
 
+def _check_inputs(cfg: Config, ds: Dataset) -> None:
+    shape = ds.input_shape
+    if cfg.data.augment.enabled and len(shape) not in (2, 3):
+        raise cfg.error_at(
+            ("data", "augment"),
+            f"augmentation needs images (H, W[, C]); {ds.name} examples have shape {shape}",
+        )
+    if cfg.data.mean is not None and len(cfg.data.mean) not in (1, shape[-1]):
+        raise cfg.error_at(
+            ("data", "mean"),
+            f"{len(cfg.data.mean)} values, but examples have {shape[-1]} channels (last axis "
+            f"of {shape}); give one value or one per channel",
+        )
+
+
+def _place_data(cfg: Config, mesh: Mesh, ds: Dataset) -> tuple[Dataset, str, str]:
+    """Decide and apply the cache mode: decode streamed splits that are to be cached."""
+    mode, reason = data.plan_cache(cfg.data.cache, ds.train, mesh)
+    train, ev = ds.train, ds.eval
+    if mode in ("device", "host") and not isinstance(train, Split):
+        train = train.load()  # type: ignore[attr-defined]
+    if mode != "none" and not isinstance(ev, Split):
+        ev = ev.load()  # type: ignore[attr-defined]
+    return Dataset(ds.name, train, ev, ds.num_classes, ds.x_scale), mode, reason
+
+
 def make_setup(cfg: Config) -> Setup:
     """Build the mesh, load the data, initialise the sharded state and compile the steps.
 
@@ -94,6 +153,8 @@ def make_setup(cfg: Config) -> Setup:
     mesh = parallel.make_mesh(cfg)
     ds = data.build(cfg.data)
     batch, eval_batch, steps_per_epoch, total = _check_sizes(cfg, mesh, ds)
+    _check_inputs(cfg, ds)
+    ds, cache_mode, cache_reason = _place_data(cfg, mesh, ds)
     opt = optim.build(cfg.optimizer, cfg.schedule, total)
 
     def make_model(key: jax.Array) -> nnx.Module:
@@ -126,22 +187,40 @@ def make_setup(cfg: Config) -> Setup:
         loss=cfg.train.loss,
         label_smoothing=cfg.train.label_smoothing,
         x_scale=ds.x_scale,
+        x_mean=cfg.data.mean,
+        x_std=cfg.data.std,
+        crop_padding=cfg.data.augment.crop_padding,
+        flip=cfg.data.augment.flip,
     )
     batch_sh, repl = parallel.batch_sharding(mesh), parallel.replicated(mesh)
     traces: dict[str, int] = {}
+    step_fn = make_train_step(sc)
+    device_cache = None
+    if cache_mode == "device":
+        assert isinstance(ds.train, Split)
+        device_cache = data.place_split(ds.train, mesh)
+        step_fn = make_cached_train_step(step_fn, data.make_gather(mesh), steps_per_epoch)
+        feed_sh: Any = {"cache": {"x": batch_sh, "y": batch_sh}, "idx": repl}
+        abstract_feed: Any = {
+            "cache": device_cache,
+            "idx": jax.ShapeDtypeStruct((steps_per_epoch, batch), jnp.int32, sharding=repl),
+        }
+    else:
+        feed_sh = batch_sh
+        abstract_feed = {
+            "x": jax.ShapeDtypeStruct(
+                (batch, *ds.input_shape), ds.train.x_dtype, sharding=batch_sh
+            ),
+            "y": jax.ShapeDtypeStruct((batch,), jnp.int32, sharding=batch_sh),
+        }
     train_jit = jax.jit(
-        _counted(make_train_step(sc), "train_step", traces),
-        in_shardings=(state_sh, batch_sh),
+        _counted(step_fn, "train_step", traces),
+        in_shardings=(state_sh, feed_sh),
         out_shardings=(state_sh, repl),
         donate_argnums=0,
     )
-    x, y = ds.train.x, ds.train.y
-    abstract_batch = {
-        "x": jax.ShapeDtypeStruct((batch, *x.shape[1:]), x.dtype, sharding=batch_sh),
-        "y": jax.ShapeDtypeStruct((batch,), y.dtype, sharding=batch_sh),
-    }
     t0 = time.perf_counter()
-    train_step = train_jit.lower(state, abstract_batch).compile()
+    train_step = train_jit.lower(state, abstract_feed).compile()
     compile_time_s = time.perf_counter() - t0
 
     eval_step = jax.jit(
@@ -180,5 +259,8 @@ def make_setup(cfg: Config) -> Setup:
         put_fn=data.make_put_fn(batch_sh),
         compile_time_s=compile_time_s,
         num_params=num_params,
+        cache_mode=cache_mode,
+        cache_reason=cache_reason,
+        device_cache=device_cache,
         traces=traces,
     )

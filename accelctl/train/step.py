@@ -15,6 +15,7 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
+from accelctl.data.augment import augment_images
 from accelctl.optim import Optimizer
 from accelctl.train.losses import LOSSES, correct
 from accelctl.train.state import TrainState, zero_sums
@@ -31,12 +32,19 @@ class StepConfig:
     loss: str
     label_smoothing: float
     x_scale: float | None  # integer inputs are cast and scaled on device
+    x_mean: tuple[float, ...] | None = None  # per channel (last axis), after scaling
+    x_std: tuple[float, ...] | None = None
+    crop_padding: int = 0  # training-time augmentation (see data.augment)
+    flip: bool = False
 
 
-def _inputs(x: jax.Array, x_scale: float | None) -> jax.Array:
-    if x_scale is None:
-        return x.astype(jnp.float32)
-    return x.astype(jnp.float32) * jnp.float32(x_scale)
+def _inputs(x: jax.Array, sc: StepConfig) -> jax.Array:
+    x = x.astype(jnp.float32)
+    if sc.x_scale is not None:
+        x = x * jnp.float32(sc.x_scale)
+    if sc.x_mean is not None and sc.x_std is not None:
+        x = (x - jnp.asarray(sc.x_mean, jnp.float32)) / jnp.asarray(sc.x_std, jnp.float32)
+    return x
 
 
 def _forward(
@@ -51,7 +59,7 @@ def _forward(
     # copy=True: the states come from an outer trace; NNX variables must be fresh here.
     model = nnx.merge(sc.graphdef, params, model_state, copy=True)
     rngs = nnx.Rngs(dropout=dropout_key) if dropout_key is not None else None
-    logits = model(_inputs(x, sc.x_scale), train=train, rngs=rngs)
+    logits = model(_inputs(x, sc), train=train, rngs=rngs)
     _, _, new_model_state = nnx.split(model, nnx.Param, ...)
     return logits, new_model_state
 
@@ -69,11 +77,14 @@ def make_train_step(sc: StepConfig) -> Callable[[TrainState, Batch], tuple[Train
     opt = sc.optimizer
 
     def train_step(state: TrainState, batch: Batch) -> tuple[TrainState, Batch]:
-        dropout_key = jax.random.fold_in(state.rng, state.step)
+        dropout_key, augment_key = jax.random.split(jax.random.fold_in(state.rng, state.step))
+        x = batch["x"]
+        if sc.crop_padding or sc.flip:
+            x = augment_images(x, rng=augment_key, crop_padding=sc.crop_padding, flip=sc.flip)
 
         def objective(params: nnx.State, model_state: nnx.State) -> tuple[jax.Array, Any]:
             logits, new_model_state = _forward(
-                sc, params, model_state, batch["x"], train=True, dropout_key=dropout_key
+                sc, params, model_state, x, train=True, dropout_key=dropout_key
             )
             losses = loss_fn(logits, batch["y"], label_smoothing=sc.label_smoothing)
             return jnp.mean(losses), (logits, new_model_state)
@@ -104,6 +115,31 @@ def make_train_step(sc: StepConfig) -> Callable[[TrainState, Batch], tuple[Train
         return new_state, {"loss": loss}
 
     return train_step
+
+
+def make_cached_train_step(
+    train_step: Callable[[TrainState, Batch], tuple[TrainState, Batch]],
+    gather_fn: Callable[[Batch, jax.Array], Batch],
+    steps_per_epoch: int,
+) -> Callable[[TrainState, Any], tuple[TrainState, Batch]]:
+    """Return step(state, feed) that gathers its batch from the device-cached split first.
+
+    Args:
+        train_step: from `make_train_step`.
+        gather_fn: `data.make_gather(mesh)`.
+        steps_per_epoch: rows of the epoch index table.
+    Returns:
+        A pure function; feed = {"cache": {"x", "y"}, "idx": (steps_per_epoch, B) int32}. The row
+        is chosen by the global step, so a run resumed mid-epoch takes the right batch.
+    """
+
+    def cached_train_step(state: TrainState, feed: Any) -> tuple[TrainState, Batch]:
+        row = jax.lax.dynamic_index_in_dim(
+            feed["idx"], state.step % steps_per_epoch, keepdims=False
+        )
+        return train_step(state, gather_fn(feed["cache"], row))
+
+    return cached_train_step
 
 
 def make_eval_step(sc: StepConfig) -> Callable[[TrainState, Batch, Batch], Batch]:

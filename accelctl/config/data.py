@@ -1,0 +1,134 @@
+"""The `data` section: one model per source (a union keyed on `source`), plus the options all
+sources share: device/host caching, on-device augmentation and normalisation."""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal
+
+from pydantic import Field, NonNegativeInt, PositiveFloat, PositiveInt, model_validator
+
+from accelctl.config.base import Section
+
+
+class AugmentConfig(Section):
+    crop_padding: NonNegativeInt = Field(
+        0,
+        description="Random crop: pad each image by this many zero pixels per side, then crop "
+        "back to its size at a random offset (0 = off; 4 is usual for CIFAR).",
+    )
+    flip: bool = Field(False, description="Random horizontal flip with probability 1/2.")
+
+    @property
+    def enabled(self) -> bool:
+        return self.crop_padding > 0 or self.flip
+
+
+class _DataCommon(Section):
+    prefetch: PositiveInt = Field(
+        2, description="Batches kept ready on the devices by the background prefetch thread."
+    )
+    cache: Literal["auto", "device", "host"] = Field(
+        "auto",
+        description="device: the training split lives on the devices (sharded) and each step "
+        "gathers its batch there; host: batches are cut from host memory and prefetched; "
+        "auto: device when the split fits in a quarter of device memory, else host.",
+    )
+    augment: AugmentConfig = Field(
+        default_factory=AugmentConfig,
+        description="Training-time augmentation of image inputs, on device inside the step.",
+    )
+    mean: tuple[float, ...] | None = Field(
+        None,
+        description="Per-channel mean subtracted on device after scaling to [0, 1] "
+        "(one value, or one per channel); null = none.",
+    )
+    std: tuple[PositiveFloat, ...] | None = Field(
+        None, description="Per-channel standard deviation divided out on device; needs mean."
+    )
+
+    @model_validator(mode="after")
+    def _mean_and_std(self) -> _DataCommon:
+        if (self.mean is None) != (self.std is None):
+            raise ValueError("give both mean and std (per-channel normalisation), or neither")
+        if self.mean is not None and self.std is not None and len(self.mean) != len(self.std):
+            raise ValueError(
+                f"mean has {len(self.mean)} values but std has {len(self.std)}; give one per "
+                "channel for both"
+            )
+        return self
+
+
+class DigitsData(_DataCommon):
+    source: Literal["digits"] = Field(
+        description="scikit-learn's bundled 8x8 handwritten digits (1797 images, no download)."
+    )
+    eval_fraction: Annotated[float, Field(gt=0.0, lt=1.0)] = Field(
+        0.2, description="Fraction held out for evaluation (deterministic split)."
+    )
+    split_seed: int = Field(0, description="Seed of the train/eval split.")
+
+
+class SyntheticData(_DataCommon):
+    source: Literal["synthetic"] = Field(
+        description="Random inputs; labels from a fixed random linear teacher, so it is learnable."
+    )
+    shape: tuple[PositiveInt, ...] = Field((28, 28, 1), description="Shape of one example.")
+    num_classes: Annotated[int, Field(ge=2)] = Field(10, description="Number of classes.")
+    num_train: PositiveInt = Field(4096, description="Training examples.")
+    num_eval: PositiveInt = Field(1024, description="Evaluation examples.")
+    dtype: Literal["uint8", "float32"] = Field(
+        "uint8", description="uint8 images are normalised on device; float32 are used as is."
+    )
+    seed: int = Field(0, description="Seed of the generated data.")
+
+
+class NpzData(_DataCommon):
+    source: Literal["npz"] = Field(description="A user's arrays in a NumPy .npz file.")
+    path: str = Field(description="Path of the .npz file with the training (or all) examples.")
+    eval_path: str | None = Field(
+        None, description="Optional .npz with the eval examples; else eval_fraction is held out."
+    )
+    x_key: str = Field("x", description="Array name of the inputs, shape (N, ...).")
+    y_key: str = Field("y", description="Array name of the integer class labels, shape (N,).")
+    eval_fraction: Annotated[float, Field(gt=0.0, lt=1.0)] = Field(
+        0.2, description="Fraction held out for evaluation when eval_path is not given."
+    )
+    split_seed: int = Field(0, description="Seed of the train/eval split.")
+
+
+class TfdsData(_DataCommon):
+    source: Literal["tfds"] = Field(
+        description="An image-classification data set of tensorflow-datasets, read with "
+        "tfds.data_source (random access over ArrayRecord; prepare it first with "
+        "`accelctl data prepare NAME`)."
+    )
+    name: str = Field(
+        description="tfds name, optionally with config and version: mnist, fashion_mnist, "
+        "kmnist, cifar10, cifar100, svhn_cropped, mnist:3.0.1, ..."
+    )
+    train_split: str = Field(
+        "train", description="Training split; tfds slicing works, e.g. 'train[:90%]'."
+    )
+    eval_split: str = Field("test", description="Evaluation split, e.g. 'test' or 'train[90%:]'.")
+    data_dir: str | None = Field(
+        None,
+        description="Folder holding prepared tfds data sets; null = $TFDS_DATA_DIR or "
+        "~/tensorflow_datasets.",
+    )
+    image_key: str = Field("image", description="Feature holding the image (fixed shape).")
+    label_key: str = Field("label", description="Feature holding the class label (ClassLabel).")
+    cache: Literal["auto", "device", "host", "none"] = Field(
+        "auto",
+        description="device / host: decode the split once and keep it on the devices / in host "
+        "memory; none: read and decode every batch from the ArrayRecord files (data sets "
+        "larger than memory); auto: device if it fits in a quarter of device memory, else "
+        "host if it fits in half the free host memory, else none.",
+    )
+    read_threads: PositiveInt = Field(
+        8, description="Threads that read and decode records (batched reads, decode in parallel)."
+    )
+
+
+DataConfig = Annotated[
+    DigitsData | SyntheticData | NpzData | TfdsData, Field(discriminator="source")
+]
