@@ -207,3 +207,160 @@ def test_batch_norm_eval_uses_running_averages_and_keeps_them() -> None:
     np.testing.assert_allclose(model(x, train=False), full, rtol=1e-5, atol=1e-6)
     # Train mode normalises with the statistics of the batch it is given instead.
     assert not np.allclose(model(x[:2], train=True), full[:2], atol=1e-4)
+
+
+# ------------------------------------------------------------------------------------- resnet
+RGB = (8, 8, 3)  # ResNet inputs
+
+
+def _resnet(block: str = "basic", stem: str = "cifar", extra: str = "") -> str:
+    return f"{{name: resnet, stage_sizes: [1, 1], width: 4, block: {block}, stem: {stem}{extra}}}"
+
+
+def _build_resnet(text: str, input_shape=RGB, seed: int = 0):
+    # rbg keys: on CPU each new kernel shape compiles its initialiser, ~5x faster than threefry.
+    rngs = nnx.Rngs(jax.random.key(seed, impl="rbg"))
+    return models.build(_model_cfg(text), input_shape, CLASSES, rngs=rngs)
+
+
+def _resnet_num_params(
+    stage_sizes: tuple[int, ...], width: int, block: str, c_in: int, classes: int
+) -> int:
+    """Parameters of the cifar-stem ResNet, from the architecture: bias-free convs, BN, head."""
+
+    def conv(k: int, a: int, b: int) -> int:
+        return k * k * a * b
+
+    def bn(c: int) -> int:
+        return 2 * c  # scale and bias
+
+    total, c = conv(3, c_in, width) + bn(width), width
+    for i, size in enumerate(stage_sizes):
+        ch = width * 2**i
+        for _ in range(size):
+            if block == "basic":
+                out = ch
+                total += conv(3, c, ch) + bn(ch) + conv(3, ch, ch) + bn(ch)
+            else:
+                out = 4 * ch
+                total += conv(1, c, ch) + conv(3, ch, ch) + conv(1, ch, out) + bn(ch) * 2 + bn(out)
+            if c != out:  # projection shortcut (the first block of each stage)
+                total += conv(1, c, out) + bn(out)
+            c = out
+    return total + c * classes + classes
+
+
+@pytest.mark.parametrize("stem", ["cifar", "imagenet"])
+@pytest.mark.parametrize("block", ["basic", "bottleneck"])
+def test_resnet_logits_shape(block: str, stem: str) -> None:
+    model = _build_resnet(_resnet(block, stem))
+    assert isinstance(model, models.ResNet)
+    x = _x((BATCH, *RGB))
+    for train in (False, True):
+        out = model(x, train=train)
+        assert out.shape == (BATCH, CLASSES)
+        assert bool(jnp.all(jnp.isfinite(out)))
+    expansion = 4 if block == "bottleneck" else 1
+    assert model.head.kernel.shape == (8 * expansion, CLASSES)  # stage widths 4, then 8
+    assert model.stem_conv.kernel.shape == ((3, 3) if stem == "cifar" else (7, 7)) + (3, 4)
+    assert model.stem_conv.bias is None  # every conv is followed by a batch norm
+    # The second stage starts with a strided block; its shape change needs a projection.
+    assert model.blocks[1].proj is not None and model.blocks[1].proj.strides == 2
+    assert max(c.strides for c in model.blocks[0].convs) == 1
+    assert (model.blocks[0].proj is None) == (block == "basic")
+
+
+def test_resnet_2d_inputs_get_a_channel_axis() -> None:
+    model = _build_resnet(_resnet(), input_shape=IMAGE[:2])
+    assert model.stem_conv.kernel.shape == (3, 3, 1, 4)
+    x = _x()
+    out = model(x[..., 0], train=False)
+    assert out.shape == (BATCH, CLASSES)
+    # Same seed and shapes as the (H, W, 1) model: the same function.
+    np.testing.assert_allclose(
+        out, _build_resnet(_resnet(), input_shape=IMAGE)(x, train=False), rtol=1e-5, atol=1e-6
+    )
+
+
+def test_resnet_rejects_non_image_inputs() -> None:
+    with pytest.raises(ValueError, match="image inputs"):
+        _build_resnet(_resnet(), input_shape=(16,))
+
+
+def test_resnet20_parameter_count() -> None:
+    # The defaults are ResNet-20 (He et al. 2016, CIFAR-10): 0.27M parameters. Abstract init.
+    cfg = _model_cfg("{name: resnet}")
+    assert (cfg.stage_sizes, cfg.width, cfg.block, cfg.stem) == ((3, 3, 3), 16, "basic", "cifar")
+    model = nnx.eval_shape(lambda: models.build(cfg, (32, 32, 3), 10, rngs=nnx.Rngs(0)))
+    n = _num_params(model)
+    assert n == _resnet_num_params((3, 3, 3), 16, "basic", 3, 10)
+    assert n == 272_474  # with 1x1 projection shortcuts (option B); zero-padding ones: 269,722
+    assert 0.26e6 < n < 0.28e6
+    # 19 batch norms (stem + 2 per block), plus one per projection: running mean and var.
+    stats = jax.tree.leaves(nnx.state(model, nnx.BatchStat))
+    assert len(stats) == 2 * (1 + 2 * 9 + 2)
+
+
+def test_resnet_bottleneck_parameter_count() -> None:
+    cfg = _model_cfg(_resnet("bottleneck"))
+    model = nnx.eval_shape(lambda: models.build(cfg, RGB, CLASSES, rngs=nnx.Rngs(0)))
+    assert _num_params(model) == _resnet_num_params((1, 1), 4, "bottleneck", 3, CLASSES)
+
+
+def test_resnet_batch_norm_train_vs_eval() -> None:
+    model = _build_resnet(_resnet())
+    x = 3.0 + 2.0 * _x((BATCH, *RGB))
+    params0, stats0 = _stats(model)
+    assert len(stats0) == 2 * 6  # stem, 2 + 2 in the blocks, 1 projection
+    full = model(x, train=False)
+    _, stats1 = _stats(model)
+    _assert_same(stats0, stats1)  # eval never touches the running statistics
+    # Eval normalises with running statistics: each example is independent of the batch.
+    np.testing.assert_allclose(model(x[:1], train=False), full[:1], rtol=1e-5, atol=1e-6)
+    train = model(x, train=True)
+    params2, stats2 = _stats(model)
+    _assert_same(params0, params2)
+    for before, after in zip(stats0, stats2, strict=True):
+        assert not np.allclose(before, after)
+    # Train mode normalises with the batch's own statistics: the other examples matter.
+    assert not np.allclose(model(x[:1], train=True), train[:1], atol=1e-4)
+    # And the updated running statistics change what eval computes.
+    assert not np.allclose(model(x, train=False), full, atol=1e-4)
+
+
+@pytest.mark.parametrize("block", ["basic", "bottleneck"])
+def test_resnet_zero_init_residual_blocks_start_as_act_of_shortcut(block: str) -> None:
+    model = _build_resnet(_resnet(block))
+    h = _x((BATCH, 8, 8, 4), seed=1)  # the stem's output shape
+    for blk in model.blocks:
+        np.testing.assert_array_equal(blk.norms[-1].scale[...], 0.0)
+        for norm in blk.norms[:-1]:
+            np.testing.assert_array_equal(norm.scale[...], 1.0)
+        out = blk(h, train=False)
+        shortcut = h if blk.proj is None else blk.proj_norm(blk.proj(h), use_running_average=True)
+        np.testing.assert_allclose(out, jax.nn.relu(shortcut), rtol=1e-6, atol=1e-6)
+        h = out
+    plain = _build_resnet(_resnet(block, extra=", zero_init_residual: false"))
+    for blk in plain.blocks:
+        np.testing.assert_array_equal(blk.norms[-1].scale[...], 1.0)
+
+
+def test_resnet_builds_from_config_object() -> None:
+    assert "resnet" in models.names()
+    cfg = config.ResNetConfig(
+        name="resnet",
+        stage_sizes=(1, 1),
+        width=4,
+        block="bottleneck",
+        stem="imagenet",
+        zero_init_residual=False,
+        activation="tanh",
+    )
+    model = models.build(cfg, RGB, CLASSES, rngs=nnx.Rngs(jax.random.key(0, impl="rbg")))
+    assert isinstance(model, models.ResNet)
+    assert model.stem_conv.kernel.shape == (7, 7, 3, 4)
+    assert [len(b.convs) for b in model.blocks] == [3, 3]
+    assert model.head.kernel.shape == (32, CLASSES)
+    assert model.activation == "tanh" and all(b.activation == "tanh" for b in model.blocks)
+    np.testing.assert_array_equal(model.blocks[-1].norms[-1].scale[...], 1.0)
+    assert model(_x((BATCH, *RGB)), train=False).shape == (BATCH, CLASSES)

@@ -13,6 +13,7 @@ from flax import nnx
 
 from accelctl.models.cnn import CNN
 from accelctl.models.mlp import MLP
+from accelctl.models.resnet import ResNet
 
 BuildFn = Callable[[Any, tuple[int, ...], int, nnx.Rngs], nnx.Module]
 
@@ -42,7 +43,7 @@ def build(
     """Build the model named by `cfg.name`.
 
     Args:
-        cfg: the `model` config section (MLPConfig, CNNConfig, ...).
+        cfg: the `model` config section (MLPConfig, CNNConfig, ResNetConfig, ...).
         input_shape: shape of one example, without the batch dimension.
         num_outputs: number of logits (classes).
         rngs: parameter initialisation keys.
@@ -77,5 +78,22 @@ def _build_cnn(cfg: Any, input_shape: tuple[int, ...], num_outputs: int, rngs: n
         num_outputs=num_outputs,
         activation=cfg.activation,
         dropout=cfg.dropout,
+        rngs=rngs,
+    )
+
+
+@register("resnet")
+def _build_resnet(
+    cfg: Any, input_shape: tuple[int, ...], num_outputs: int, rngs: nnx.Rngs
+) -> ResNet:
+    return ResNet(
+        input_shape,
+        stage_sizes=cfg.stage_sizes,
+        width=cfg.width,
+        block=cfg.block,
+        stem=cfg.stem,
+        zero_init_residual=cfg.zero_init_residual,
+        num_outputs=num_outputs,
+        activation=cfg.activation,
         rngs=rngs,
     )
