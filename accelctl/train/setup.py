@@ -121,11 +121,13 @@ def _check_inputs(cfg: Config, ds: Dataset) -> None:
             ("data", "augment"),
             f"augmentation needs images (H, W[, C]); {ds.name} examples have shape {shape}",
         )
-    if cfg.data.mean is not None and len(cfg.data.mean) not in (1, shape[-1]):
+    # Grayscale (H, W) images have one channel; otherwise the last axis holds the channels.
+    channels = 1 if len(shape) == 2 else shape[-1]
+    if cfg.data.mean is not None and len(cfg.data.mean) not in (1, channels):
         raise cfg.error_at(
             ("data", "mean"),
-            f"{len(cfg.data.mean)} values, but examples have {shape[-1]} channels (last axis "
-            f"of {shape}); give one value or one per channel",
+            f"{len(cfg.data.mean)} values, but {ds.name} examples of shape {shape} have "
+            f"{channels} channel(s); give one value or one per channel",
         )
 
 
