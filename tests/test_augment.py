@@ -115,4 +115,13 @@ def test_mean_with_the_wrong_number_of_channels_is_a_config_error(tiny_config) -
     cfg = tiny_config(["data.mean=[0.5, 0.5]", "data.std=[0.2, 0.2]"])  # 1 channel
     with pytest.raises(ConfigError, match=r"data\.mean") as info:
         make_setup(cfg)
-    assert "2 values" in str(info.value) and "1 channels" in str(info.value)
+    assert "2 values" in str(info.value) and "1 channel(s)" in str(info.value)
+
+
+def test_grayscale_images_without_a_channel_axis_have_one_channel(tiny_config) -> None:
+    # (H, W) images: the last axis is the width, not channels, so 8 values are wrong.
+    eight = "[0.5, 0.5, 0.5, 0.5, 0.5, 0.5, 0.5, 0.5]"
+    cfg = tiny_config(["data.shape=[4, 8]", f"data.mean={eight}", f"data.std={eight}"])
+    with pytest.raises(ConfigError, match=r"1 channel\(s\)"):
+        make_setup(cfg)
+    make_setup(tiny_config(["data.shape=[4, 8]", "data.mean=[0.5]", "data.std=[0.25]"]))

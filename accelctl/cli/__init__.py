@@ -7,6 +7,7 @@ from typing import Annotated
 import typer
 
 from accelctl import __version__
+from accelctl.cli.data import app as data_app
 from accelctl.cli.train import train_command
 
 app = typer.Typer(
@@ -37,6 +38,7 @@ def _root(
 
 
 app.command("train")(train_command)
+app.add_typer(data_app, name="data")
 
 
 def main() -> None:
