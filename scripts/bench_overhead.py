@@ -13,8 +13,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -23,6 +21,9 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from accelctl.devices import describe_machine  # noqa: E402
 
 WORKLOADS = {
     "mlp": {
@@ -56,6 +57,7 @@ def config_text(name: str, steps: int, batch: int, log_every: int) -> str:
             "num_train": 60000,
             "num_eval": 1024,
             "dtype": "uint8",
+            "cache": "host",  # this benchmark measures the host-fed loop
         },
         "optimizer": {"name": "adam", "lr": 1e-3},
         "train": {"batch_size": batch, "steps": steps, "log_every": log_every, "eval_every": steps},
@@ -171,24 +173,6 @@ def child(mode: str, name: str, steps: int, batch: int) -> dict:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-def machine() -> str:
-    cpu = platform.processor() or ""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    import jax
-
-    devs = jax.devices()
-    return (
-        f"{cpu}, {os.cpu_count()} cores visible; jax {jax.__version__}, "
-        f"{len(devs)} x {devs[0].device_kind} ({devs[0].platform})"
-    )
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--workloads", nargs="+", default=list(WORKLOADS), choices=list(WORKLOADS))
@@ -252,7 +236,7 @@ def write_report(args: argparse.Namespace, rows: list[dict]) -> None:
         "# Loop overhead: `accelctl train` vs a hand-written `jax.jit` loop",
         "",
         f"Command: `{cmd}`  ",
-        f"Machine: {machine()}  ",
+        f"Machine: {describe_machine()}  ",
         f"Date: {time.strftime('%Y-%m-%d')}",
         "",
         f"Global batch {args.batch}, Adam lr 1e-3, synthetic uint8 28x28x1 data (60000 "

@@ -110,6 +110,8 @@ def make_gather(mesh: Mesh) -> Callable[[dict[str, jax.Array], jax.Array], dict[
         {"x": (B, ...), "y": (B,)} sharded P("data"), equal to `split.take(idx)`.
     """
 
+    data_size = mesh.shape["data"]
+
     def local_gather(x: jax.Array, y: jax.Array, idx: jax.Array) -> tuple[jax.Array, jax.Array]:
         n_local = x.shape[0]
         local = idx - jax.lax.axis_index("data") * n_local
@@ -117,10 +119,13 @@ def make_gather(mesh: Mesh) -> Callable[[dict[str, jax.Array], jax.Array], dict[
         safe = jnp.clip(local, 0, n_local - 1)
 
         def pick(a: jax.Array) -> jax.Array:
-            rows = a[safe]
-            mask = owned.reshape((-1,) + (1,) * (rows.ndim - 1))
+            # Gathering whole flat rows is ~6x faster on XLA:CPU than an N-d gather.
+            rows = jnp.take(a.reshape(n_local, -1), safe, axis=0, mode="clip")
             # Exactly one device owns each row, so the sum below reassembles it exactly.
-            rows = jnp.where(mask, rows, jnp.zeros((), rows.dtype))
+            rows = jnp.where(owned[:, None], rows, jnp.zeros((), rows.dtype))
+            rows = rows.reshape((idx.shape[0], *a.shape[1:]))
+            if data_size == 1:  # nothing to exchange (and a 1-way reduce-scatter is not free)
+                return rows
             return jax.lax.psum_scatter(rows, "data", scatter_dimension=0, tiled=True)
 
         return pick(x), pick(y)
