@@ -63,7 +63,9 @@ def open_builder(name: str, data_dir: Path, **kwargs: Any) -> Any:
         return tfds.builder(name, data_dir=str(data_dir), **kwargs)
     except tfds.core.registered.DatasetNotFoundError:
         base = name.split(":")[0].split("/")[0]
-        close = difflib.get_close_matches(base, tfds.list_builders(), n=3)
+        close = difflib.get_close_matches(
+            base, tfds.list_builders(with_community_datasets=False), n=3
+        )
         hint = f" Did you mean {', '.join(close)}?" if close else ""
         raise UserError(
             f"data.name: tensorflow-datasets has no data set {name!r} (nothing registered and "
