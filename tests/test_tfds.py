@@ -405,3 +405,22 @@ def test_prepare_of_an_unknown_name_exits_2_with_a_suggestion(tmp_path: Path) ->
         app, ["data", "prepare", "mnsit", "--data-dir", str(tmp_path)], catch_exceptions=False
     )
     assert_user_error(result, "mnsit", "Did you mean mnist")
+
+
+# ------------------------------------------------------------------------- the shipped configs
+@pytest.mark.parametrize(
+    "name", ["mnist_mlp", "mnist_cnn", "fashion_mnist_cnn", "cifar10_resnet"], ids=str
+)
+def test_shipped_tfds_configs_train_on_mocked_data(
+    mock_tfds: Any, tmp_path: Path, name: str
+) -> None:
+    # The real model, optimizer, augmentation and normalisation; only the size of the run shrinks.
+    cfg = config.load(
+        ROOT / "configs" / f"{name}.yaml",
+        ["train.epochs=null", "train.steps=2", "train.batch_size=16"]
+        + ["train.log_every=1", "train.eval_every=2"],
+    )
+    assert cfg.data.source == "tfds"
+    summary = train(cfg, run_dir=tmp_path / "run", quiet=True)
+    assert summary["steps"] == 2 and summary["final_eval"]["count"] == MOCK_EXAMPLES
+    assert np.isfinite(losses(tmp_path / "run")).all()

@@ -153,6 +153,8 @@ def run(setup: Setup, writer: MetricWriter, *, description: str = "train") -> di
         "processes": jax.process_count(),
         "num_params": setup.num_params,
         "data_cache": setup.cache_mode,
+        # Where the input pipeline stands: a resumed run starts its data here.
+        "data_position": data.DataPosition.at(total, steps_per_epoch=spe, seed=tc.seed).to_dict(),
         "compile_time_s": setup.compile_time_s,
         "wall_time_s": end - wall0,
         "eval_time_s": eval_time,
