@@ -424,3 +424,14 @@ def test_shipped_tfds_configs_train_on_mocked_data(
     summary = train(cfg, run_dir=tmp_path / "run", quiet=True)
     assert summary["steps"] == 2 and summary["final_eval"]["count"] == MOCK_EXAMPLES
     assert np.isfinite(losses(tmp_path / "run")).all()
+
+
+def test_data_errors_point_at_the_config_line(tmp_path: Path) -> None:
+    from accelctl.train.setup import make_setup
+
+    cfg = tfds_config(f"name: mnist, data_dir: {tmp_path}")
+    with pytest.raises(config.ConfigError) as e:
+        make_setup(cfg)
+    # tiny.yaml line 3 holds the data section; the message names the field and the fix.
+    assert str(e.value).startswith("tiny.yaml:3:") and "data.name:" in str(e.value)
+    assert f"accelctl data prepare mnist --data-dir {tmp_path}" in str(e.value)

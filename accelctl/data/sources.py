@@ -15,7 +15,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from accelctl.errors import UserError
+from accelctl.errors import FieldError, UserError
 
 
 @dataclass(frozen=True)
@@ -125,42 +125,46 @@ def _read_npz(path_str: str, field: str, x_key: str, y_key: str) -> tuple[np.nda
         f"'{x_key}' and '{y_key}'."
     )
     if not path.is_file():
-        raise UserError(f"data.{field}: {path} does not exist. {fix}")
+        raise FieldError(("data", field), f"{path} does not exist. {fix}")
     try:
         loaded = np.load(path, allow_pickle=False)
         if not isinstance(loaded, np.lib.npyio.NpzFile):
-            raise UserError(
-                f"data.{field}: {path} holds a single array (.npy), not named arrays. {fix}"
+            raise FieldError(
+                ("data", field), f"{path} holds a single array (.npy), not named arrays. {fix}"
             )
         with loaded as npz:
             keys = list(npz.keys())
             missing = [k for k in (x_key, y_key) if k not in keys]
             if missing:
-                raise UserError(
-                    f"data.{field}: {path} has no array {missing[0]!r} (it has: "
+                raise FieldError(
+                    ("data", field),
+                    f"{path} has no array {missing[0]!r} (it has: "
                     f"{', '.join(keys) or 'nothing'}). Set data.x_key / data.y_key to the "
-                    "names used."
+                    "names used.",
                 )
             x, y = npz[x_key], npz[y_key]
     except UserError:
         raise
     except (ValueError, OSError, zipfile.BadZipFile, EOFError) as e:
-        raise UserError(f"data.{field}: {path} is not a readable .npz file ({e}). {fix}") from None
+        raise FieldError(
+            ("data", field), f"{path} is not a readable .npz file ({e}). {fix}"
+        ) from None
     if x.ndim < 2 or y.ndim != 1 or len(x) != len(y):
-        raise UserError(
-            f"data.{field}: {path}: expected {x_key} of shape (N, ...) and {y_key} of shape (N,), "
-            f"got {x.shape} and {y.shape}"
+        raise FieldError(
+            ("data", field),
+            f"{path}: expected {x_key} of shape (N, ...) and {y_key} of shape (N,), "
+            f"got {x.shape} and {y.shape}",
         )
     if len(y) == 0:
-        raise UserError(f"data.{field}: {path} holds no examples ({x_key} has length 0)")
+        raise FieldError(("data", field), f"{path} holds no examples ({x_key} has length 0)")
     if not np.issubdtype(y.dtype, np.integer):
-        raise UserError(
-            f"data.{field}: {path}: labels {y_key!r} must be integers (class ids), got {y.dtype}"
+        raise FieldError(
+            ("data", field), f"{path}: labels {y_key!r} must be integers (class ids), got {y.dtype}"
         )
     if y.min() < 0:
-        raise UserError(f"data.{field}: {path}: labels must be >= 0, found {int(y.min())}")
+        raise FieldError(("data", field), f"{path}: labels must be >= 0, found {int(y.min())}")
     if not (np.issubdtype(x.dtype, np.number) or x.dtype == np.bool_):
-        raise UserError(f"data.{field}: {path}: inputs must be numeric, got {x.dtype}")
+        raise FieldError(("data", field), f"{path}: inputs must be numeric, got {x.dtype}")
     return x, y.astype(np.int32)
 
 
@@ -170,14 +174,16 @@ def load_npz(cfg: Any) -> Dataset:
     if cfg.eval_path is not None:
         ex, ey = _read_npz(cfg.eval_path, "eval_path", cfg.x_key, cfg.y_key)
         if ex.shape[1:] != x.shape[1:]:
-            raise UserError(
-                f"data.eval_path: eval inputs have shape {ex.shape[1:]} per example but the "
-                f"training inputs have {x.shape[1:]}"
+            raise FieldError(
+                ("data", "eval_path"),
+                f"eval inputs have shape {ex.shape[1:]} per example but the "
+                f"training inputs have {x.shape[1:]}",
             )
         if (ex.dtype == np.uint8) != (x.dtype == np.uint8):
-            raise UserError(
-                f"data.eval_path: eval inputs are {ex.dtype} but training inputs are {x.dtype}; "
-                "both must be uint8 images (0..255) or both real-valued, so they are scaled alike"
+            raise FieldError(
+                ("data", "eval_path"),
+                f"eval inputs are {ex.dtype} but training inputs are {x.dtype}; "
+                "both must be uint8 images (0..255) or both real-valued, so they are scaled alike",
             )
         train, ev = Split(x, y), Split(ex, ey)
     else:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import difflib
 import json
+import logging
 import math
 import os
 from concurrent.futures import ThreadPoolExecutor
@@ -20,7 +21,7 @@ from typing import Any
 import numpy as np
 
 from accelctl.data.sources import Dataset, Split
-from accelctl.errors import UserError
+from accelctl.errors import FieldError, UserError
 
 RANDOM_ACCESS_FORMATS = ("array_record",)
 
@@ -39,6 +40,9 @@ def import_tfds() -> Any:
             f"tensorflow-datasets is not importable ({e}); install it with "
             "`pip install 'accelctl[tfds]'`"
         ) from None
+    # tfds warns through absl about folders it probes (e.g. "no dataset_info.json" for a data
+    # set that is not prepared); accelctl reports those cases itself, in one message.
+    logging.getLogger("absl").setLevel(logging.ERROR)
     return tfds
 
 
@@ -67,12 +71,13 @@ def open_builder(name: str, data_dir: Path, **kwargs: Any) -> Any:
             base, tfds.list_builders(with_community_datasets=False), n=3
         )
         hint = f" Did you mean {', '.join(close)}?" if close else ""
-        raise UserError(
-            f"data.name: tensorflow-datasets has no data set {name!r} (nothing registered and "
-            f"nothing prepared under {data_dir}).{hint}"
+        raise FieldError(
+            ("data", "name"),
+            f"tensorflow-datasets has no data set {name!r} (nothing registered and "
+            f"nothing prepared under {data_dir}).{hint}",
         ) from None
     except (ValueError, AssertionError) as e:
-        raise UserError(f"data.name: cannot open {name!r} under {data_dir}: {e}") from None
+        raise FieldError(("data", "name"), f"cannot open {name!r} under {data_dir}: {e}") from None
 
 
 def _feature_layout(builder: Any, cfg: Any) -> tuple[tuple[int, ...], np.dtype[Any], int]:
@@ -81,22 +86,25 @@ def _feature_layout(builder: Any, cfg: Any) -> tuple[tuple[int, ...], np.dtype[A
     keys = ", ".join(sorted(feats.keys()))
     for field, key in (("image_key", cfg.image_key), ("label_key", cfg.label_key)):
         if key not in feats:
-            raise UserError(
-                f"data.{field}: {cfg.name} has no feature {key!r} (it has: {keys}); set "
-                f"data.{field} to the right one"
+            raise FieldError(
+                ("data", field),
+                f"{cfg.name} has no feature {key!r} (it has: {keys}); set "
+                f"data.{field} to the right one",
             )
     image, label = feats[cfg.image_key], feats[cfg.label_key]
     shape = tuple(getattr(image, "shape", ()) or ())
     if not shape or any(d is None for d in shape):
-        raise UserError(
-            f"data.image_key: {cfg.name}'s {cfg.image_key!r} has shape {shape or 'unknown'}; "
-            "accelctl needs images of one fixed size (pick a fixed-size variant of the data set)"
+        raise FieldError(
+            ("data", "image_key"),
+            f"{cfg.name}'s {cfg.image_key!r} has shape {shape or 'unknown'}; "
+            "accelctl needs images of one fixed size (pick a fixed-size variant of the data set)",
         )
     num_classes = getattr(label, "num_classes", None)
     if not num_classes:
-        raise UserError(
-            f"data.label_key: {cfg.name}'s {cfg.label_key!r} is a {type(label).__name__}, not a "
-            "ClassLabel; accelctl trains image classifiers"
+        raise FieldError(
+            ("data", "label_key"),
+            f"{cfg.name}'s {cfg.label_key!r} is a {type(label).__name__}, not a "
+            "ClassLabel; accelctl trains image classifiers",
         )
     return tuple(int(d) for d in shape), np.dtype(image.np_dtype), int(num_classes)
 
@@ -106,18 +114,22 @@ def _open_source(builder: Any, cfg: Any, split: str, field: str, data_dir: Path)
         return builder.as_data_source(split=split)
     except Exception as e:  # tfds raises many types here; each is turned into advice below
         if not builder.is_prepared():
-            raise UserError(
-                f"data.name: data set {cfg.name!r} is not prepared under {data_dir} (looked for "
-                f"{builder.data_dir}). {prepare_hint(cfg.name, data_dir)}"
+            raise FieldError(
+                ("data", "name"),
+                f"data set {cfg.name!r} is not prepared under {data_dir} (looked for "
+                f"{builder.data_dir}). {prepare_hint(cfg.name, data_dir)}",
             ) from None
         fmt = getattr(builder.info.file_format, "value", builder.info.file_format)
         if fmt not in RANDOM_ACCESS_FORMATS:
-            raise UserError(
-                f"data.name: {cfg.name} under {data_dir} is stored as {fmt}, which has no random "
+            raise FieldError(
+                ("data", "name"),
+                f"{cfg.name} under {data_dir} is stored as {fmt}, which has no random "
                 "access; re-prepare it as ArrayRecord with `accelctl data prepare "
-                f"{cfg.name} --data-dir {data_dir}` in a fresh data dir"
+                f"{cfg.name} --data-dir {data_dir}` in a fresh data dir",
             ) from None
-        raise UserError(f"data.{field}: cannot read split {split!r} of {cfg.name}: {e}") from None
+        raise FieldError(
+            ("data", field), f"cannot read split {split!r} of {cfg.name}: {e}"
+        ) from None
 
 
 class TfdsSplit:
@@ -202,7 +214,9 @@ def load(cfg: Any) -> Dataset:
     for field in ("train_split", "eval_split"):
         source = _open_source(builder, cfg, getattr(cfg, field), field, data_dir)
         if len(source) == 0:
-            raise UserError(f"data.{field}: split {getattr(cfg, field)!r} of {cfg.name} is empty")
+            raise FieldError(
+                ("data", field), f"split {getattr(cfg, field)!r} of {cfg.name} is empty"
+            )
         splits.append(
             TfdsSplit(
                 source,
@@ -226,7 +240,10 @@ def prepare(name: str, data_dir: str | None) -> dict[str, Any]:
         UserError: unknown name, TensorFlow missing (tfds needs it to prepare), download failed.
     """
     root = data_dir_of(data_dir)
-    builder = open_builder(name, root, file_format="array_record")
+    try:
+        builder = open_builder(name, root, file_format="array_record")
+    except FieldError as e:  # no config here: the name came from the command line
+        raise UserError(e.message) from None
     already = bool(builder.is_prepared())
     if not already:
         try:

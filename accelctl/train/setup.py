@@ -21,6 +21,7 @@ from jax.sharding import Mesh
 from accelctl import data, models, optim, parallel
 from accelctl.config import Config
 from accelctl.data import Dataset, Split
+from accelctl.errors import FieldError
 from accelctl.train.state import TrainState, zero_sums
 from accelctl.train.step import (
     StepConfig,
@@ -153,7 +154,10 @@ def make_setup(cfg: Config) -> Setup:
         ConfigError / UserError: bad sizes for the devices, unreadable data.
     """
     mesh = parallel.make_mesh(cfg)
-    ds = data.build(cfg.data)
+    try:
+        ds = data.build(cfg.data)
+    except FieldError as e:
+        raise cfg.error_at(e.path, e.message) from None
     batch, eval_batch, steps_per_epoch, total = _check_sizes(cfg, mesh, ds)
     _check_inputs(cfg, ds)
     ds, cache_mode, cache_reason = _place_data(cfg, mesh, ds)
