@@ -15,9 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -25,6 +23,8 @@ import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+
+from bench_overhead import train_summary  # noqa: E402  (scripts/ is on sys.path)
 
 from accelctl.devices import describe_machine  # noqa: E402
 
@@ -70,18 +70,8 @@ def make_config(name: str, mode: str, steps: int, log_every: int) -> dict:
 
 
 def run_once(name: str, mode: str, steps: int, log_every: int) -> dict:
-    with tempfile.TemporaryDirectory() as tmp:
-        path = Path(tmp) / f"{name}_{mode}.yaml"
-        path.write_text(yaml.safe_dump(make_config(name, mode, steps, log_every)))
-        out = subprocess.run(
-            [sys.executable, "-m", "accelctl", "train", str(path), "--quiet", "--json", "-"]
-            + ["--run-dir", str(Path(tmp) / "run")],
-            capture_output=True,
-            text=True,
-            check=True,
-            cwd=ROOT,
-        )
-    s = json.loads(out.stdout)
+    config_yaml = yaml.safe_dump(make_config(name, mode, steps, log_every))
+    s = train_summary(config_yaml, f"{name}_{mode}")
     assert s["data_cache"] == MODES[mode]["cache"], s["data_cache"]
     return {
         "samples_per_s": s["train_samples_per_s"],

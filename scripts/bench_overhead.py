@@ -65,29 +65,24 @@ def config_text(name: str, steps: int, batch: int, log_every: int) -> str:
     return json.dumps(cfg)  # JSON is YAML
 
 
-def run_accelctl(name: str, steps: int, batch: int, log_every: int) -> dict:
+def train_summary(config_yaml: str, name: str) -> dict:
+    """Run `accelctl train` on a config (YAML text) in its own process; return summary.json."""
     with tempfile.TemporaryDirectory() as tmp:
-        cfg = Path(tmp) / f"bench_{name}.yaml"
-        cfg.write_text(config_text(name, steps, batch, log_every))
+        cfg = Path(tmp) / f"{name}.yaml"
+        cfg.write_text(config_yaml)
         out = subprocess.run(
-            [
-                sys.executable,
-                "-m",
-                "accelctl",
-                "train",
-                str(cfg),
-                "--quiet",
-                "--json",
-                "-",
-                "--run-dir",
-                str(Path(tmp) / "run"),
-            ],
+            [sys.executable, "-m", "accelctl", "train", str(cfg), "--quiet", "--json", "-"]
+            + ["--run-dir", str(Path(tmp) / "run")],
             capture_output=True,
             text=True,
             check=True,
             cwd=ROOT,
         )
-    s = json.loads(out.stdout)
+    return json.loads(out.stdout)
+
+
+def run_accelctl(name: str, steps: int, batch: int, log_every: int) -> dict:
+    s = train_summary(config_text(name, steps, batch, log_every), f"bench_{name}")
     return {
         "samples_per_s": s["train_samples_per_s"],
         "input_wait": s["input_wait_fraction"],

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import json
 import sys
 from collections.abc import Callable
-from typing import TypeVar
+from pathlib import Path
+from typing import Any, TypeVar
 
 import typer
 
@@ -27,3 +29,17 @@ def run_guarded(fn: Callable[[], T], *, debug: bool) -> T:
             raise
         print(f"error: {e}", file=sys.stderr)
         raise typer.Exit(EXIT_USAGE) from None
+
+
+def write_json(result: Any, json_out: str | None) -> bool:
+    """Write `--json` output: to stdout for "-", else to the file named (if any).
+
+    Returns:
+        True when it went to stdout, so the command prints nothing else there.
+    """
+    if json_out == "-":
+        sys.stdout.write(json.dumps(result, indent=2) + "\n")
+        return True
+    if json_out:
+        Path(json_out).write_text(json.dumps(result, indent=2) + "\n")
+    return False

@@ -2,14 +2,11 @@
 
 from __future__ import annotations
 
-import json
-import sys
-from pathlib import Path
 from typing import Annotated, Any
 
 import typer
 
-from accelctl.cli.common import run_guarded
+from accelctl.cli.common import run_guarded, write_json
 
 app = typer.Typer(
     help="Prepare and list tensorflow-datasets data sets (train with data.source: tfds).",
@@ -28,16 +25,6 @@ JsonOut = Annotated[
 Debug = Annotated[bool, typer.Option("--debug", help="Show tracebacks for input errors too.")]
 
 
-def _emit_json(result: Any, json_out: str | None) -> bool:
-    """Write JSON where asked; return True when it went to stdout (so nothing else should)."""
-    if json_out == "-":
-        sys.stdout.write(json.dumps(result, indent=2) + "\n")
-        return True
-    if json_out:
-        Path(json_out).write_text(json.dumps(result, indent=2) + "\n")
-    return False
-
-
 @app.command("prepare")
 def prepare_command(
     name: Annotated[str, typer.Argument(help="tfds name, e.g. mnist, cifar10, mnist:3.0.1.")],
@@ -53,7 +40,7 @@ def prepare_command(
         return tfds_source.prepare(name, data_dir)
 
     result = run_guarded(go, debug=debug)
-    if not _emit_json(result, json_out):
+    if not write_json(result, json_out):
         state = "already prepared" if result["already_prepared"] else "prepared"
         splits = ", ".join(f"{k}: {v}" for k, v in result["splits"].items())
         typer.echo(f"{result['name']} {state} at {result['path']} ({splits})")
@@ -66,7 +53,7 @@ def ls_command(data_dir: DataDir = None, json_out: JsonOut = None) -> None:
 
     root = data_dir_of(data_dir)
     found = list_prepared(data_dir)
-    if _emit_json({"data_dir": str(root), "datasets": found}, json_out):
+    if write_json({"data_dir": str(root), "datasets": found}, json_out):
         return
     if not found:
         typer.echo(

@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
-import json
-import sys
 from pathlib import Path
 from typing import Annotated
 
 import typer
 
-from accelctl.cli.common import run_guarded
+from accelctl.cli.common import run_guarded, write_json
 
 
 def train_command(
@@ -42,11 +40,7 @@ def train_command(
         return train(cfg, run_dir=target, quiet=quiet, description=config.stem)
 
     summary = run_guarded(go, debug=debug)
-    if json_out == "-":
-        sys.stdout.write(json.dumps(summary, indent=2) + "\n")
-    else:
-        if json_out:
-            Path(json_out).write_text(json.dumps(summary, indent=2) + "\n")
+    if not write_json(summary, json_out):
         _render(summary, quiet=quiet)
 
 

@@ -58,14 +58,21 @@ class _DataCommon(Section):
         return self
 
 
-class DigitsData(_DataCommon):
+class _HeldOut(_DataCommon):
+    """Sources whose eval examples are a seeded hold-out of one set of examples."""
+
+    eval_fraction: Annotated[float, Field(gt=0.0, lt=1.0)] = Field(
+        0.2,
+        description="Fraction held out for evaluation (deterministic split; npz: only when "
+        "eval_path is not given).",
+    )
+    split_seed: int = Field(0, description="Seed of the train/eval split.")
+
+
+class DigitsData(_HeldOut):
     source: Literal["digits"] = Field(
         description="scikit-learn's bundled 8x8 handwritten digits (1797 images, no download)."
     )
-    eval_fraction: Annotated[float, Field(gt=0.0, lt=1.0)] = Field(
-        0.2, description="Fraction held out for evaluation (deterministic split)."
-    )
-    split_seed: int = Field(0, description="Seed of the train/eval split.")
 
 
 class SyntheticData(_DataCommon):
@@ -82,7 +89,7 @@ class SyntheticData(_DataCommon):
     seed: int = Field(0, description="Seed of the generated data.")
 
 
-class NpzData(_DataCommon):
+class NpzData(_HeldOut):
     source: Literal["npz"] = Field(description="A user's arrays in a NumPy .npz file.")
     path: str = Field(description="Path of the .npz file with the training (or all) examples.")
     eval_path: str | None = Field(
@@ -90,10 +97,6 @@ class NpzData(_DataCommon):
     )
     x_key: str = Field("x", description="Array name of the inputs, shape (N, ...).")
     y_key: str = Field("y", description="Array name of the integer class labels, shape (N,).")
-    eval_fraction: Annotated[float, Field(gt=0.0, lt=1.0)] = Field(
-        0.2, description="Fraction held out for evaluation when eval_path is not given."
-    )
-    split_seed: int = Field(0, description="Seed of the train/eval split.")
 
 
 class TfdsData(_DataCommon):

@@ -61,7 +61,7 @@ def plan_cache(requested: str, split: SplitLike, mesh: Mesh) -> tuple[str, str]:
         split: the training split (its `nbytes` is known without reading it).
         mesh: the devices it would be sharded over.
     Returns:
-        (mode, reason) — the reason is shown to the user.
+        (mode, reason): the reason says why, for `Setup.cache_reason`.
     """
     size = split.nbytes
     if requested != "auto":
