@@ -47,7 +47,12 @@ def test_train_synthetic_end_to_end(tiny_file, tmp_path):
         str(tmp_path / "s.json"),
     )
     assert result.exit_code == 0, result.output
-    assert {p.name for p in run_dir.iterdir()} == {"config.yaml", "metrics.jsonl", "summary.json"}
+    assert {p.name for p in run_dir.iterdir()} == {
+        "config.yaml",
+        "metrics.jsonl",
+        "summary.json",
+        "checkpoints",
+    }
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary == json.loads((tmp_path / "s.json").read_text())
     for key in ("steps", "train_samples_per_s", "devices", "wall_time_s", "input_wait_fraction"):

@@ -8,6 +8,7 @@ import typer
 
 from accelctl import __version__
 from accelctl.cli.data import app as data_app
+from accelctl.cli.eval import eval_command
 from accelctl.cli.train import train_command
 
 app = typer.Typer(
@@ -38,6 +39,7 @@ def _root(
 
 
 app.command("train")(train_command)
+app.command("eval")(eval_command)
 app.add_typer(data_app, name="data")
 
 

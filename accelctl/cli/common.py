@@ -1,4 +1,4 @@
-"""What every command shares: turning user errors into a clean message and exit code 2."""
+"""What every command shares: user errors as a clean message and their exit code (2 = bad input)."""
 
 from __future__ import annotations
 
@@ -15,20 +15,28 @@ from accelctl.errors import UserError
 T = TypeVar("T")
 
 EXIT_USAGE = 2
+EXIT_INTERRUPTED = 130  # 128 + SIGINT, as shells report it
 
 
 def run_guarded(fn: Callable[[], T], *, debug: bool) -> T:
-    """Call `fn`; a UserError becomes a one-paragraph message on stderr and exit code 2.
+    """Call `fn`; a UserError becomes a one-paragraph message on stderr and its exit code.
 
-    Internal bugs keep their traceback. With `debug`, user errors show it too.
+    Internal bugs keep their traceback. With `debug`, user errors show it too. Ctrl-C outside the
+    training loop (which handles it itself) exits 130 without a traceback.
     """
     try:
         return fn()
     except UserError as e:
         if debug:
             raise
-        print(f"error: {e}", file=sys.stderr)
-        raise typer.Exit(EXIT_USAGE) from None
+        label = "error" if e.exit_code == EXIT_USAGE else "stopped"
+        print(f"{label}: {e}", file=sys.stderr)
+        raise typer.Exit(e.exit_code) from None
+    except KeyboardInterrupt:
+        if debug:
+            raise
+        print("interrupted", file=sys.stderr)
+        raise typer.Exit(EXIT_INTERRUPTED) from None
 
 
 def write_json(result: Any, json_out: str | None) -> bool:

@@ -8,6 +8,7 @@ from typing import Annotated
 import typer
 
 from accelctl.cli.common import run_guarded, write_json
+from accelctl.errors import UserError
 
 
 def train_command(
@@ -24,20 +25,30 @@ def train_command(
         str | None,
         typer.Option("--json", help="Also write the summary as JSON to PATH ('-' for stdout)."),
     ] = None,
+    resume: Annotated[
+        bool,
+        typer.Option(
+            "--resume",
+            help="Continue the run in --run-dir from its newest good checkpoint.",
+        ),
+    ] = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress output.")] = False,
     debug: Annotated[
         bool, typer.Option("--debug", help="Show tracebacks for input errors too.")
     ] = False,
 ) -> None:
-    """Train a model as the config describes; writes config.yaml, metrics.jsonl, summary.json."""
+    """Train a model as the config describes; writes config.yaml, metrics.jsonl, checkpoints/,
+    summary.json. Exit codes: 0 done, 2 bad input, 3 non-finite loss, 75 preempted (resume)."""
 
     def go() -> dict:
         from accelctl import config as config_mod
         from accelctl.train import default_run_dir, train
 
         cfg = config_mod.load(config, set_ or [])
+        if resume and run_dir is None:
+            raise UserError("--resume needs --run-dir: the run directory to continue")
         target = run_dir or default_run_dir(cfg, config.stem)
-        return train(cfg, run_dir=target, quiet=quiet, description=config.stem)
+        return train(cfg, run_dir=target, quiet=quiet, description=config.stem, resume=resume)
 
     summary = run_guarded(go, debug=debug)
     if not write_json(summary, json_out):
@@ -58,5 +69,9 @@ def _render(summary: dict, *, quiet: bool) -> None:
     table.add_row("input wait", f"{summary['input_wait_fraction']:.1%}")
     table.add_row("compile", f"{summary['compile_time_s']:.2f} s")
     table.add_row("wall time", f"{summary['wall_time_s']:.2f} s")
+    if summary.get("skipped_steps"):
+        table.add_row("skipped steps", f"{summary['skipped_steps']} (non-finite)")
+    if summary.get("checkpoint"):
+        table.add_row("checkpoint", summary["checkpoint"])
     table.add_row("run dir", summary["run_dir"])
     Console().print(table)

@@ -16,8 +16,10 @@ from accelctl.config.data import (
 )
 from accelctl.config.loading import load, load_text
 from accelctl.config.schema import (
+    CheckpointConfig,
     CNNConfig,
     Config,
+    KeepBestConfig,
     MeshConfig,
     MLPConfig,
     ModelConfig,
@@ -34,10 +36,12 @@ from accelctl.config.source import ConfigError
 __all__ = [
     "AugmentConfig",
     "CNNConfig",
+    "CheckpointConfig",
     "Config",
     "ConfigError",
     "DataConfig",
     "DigitsData",
+    "KeepBestConfig",
     "MLPConfig",
     "MeshConfig",
     "ModelConfig",

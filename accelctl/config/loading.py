@@ -180,7 +180,7 @@ def _describe(err: dict[str, Any], data: dict[str, Any], src: Source) -> str:
         loc = loc + (tag,) if not loc or loc[-1] != tag else loc
     if kind == "extra_forbidden":
         cls = _model_class_at(loc[:-1], data)
-        valid = sorted(cls.model_fields) if cls else []
+        valid = sorted(f.alias or n for n, f in cls.model_fields.items()) if cls else []
         close = difflib.get_close_matches(str(loc[-1]), valid, n=1, cutoff=0.5)
         hint = f" Did you mean '{close[0]}'?" if close else ""
         where = src.where(loc, key=True)

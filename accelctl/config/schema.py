@@ -186,6 +186,12 @@ class TrainConfig(_Section):
         "cross_entropy", description="cross_entropy on logits, or mse against one-hot labels."
     )
     label_smoothing: Fraction = Field(0.0, description="Label smoothing for cross_entropy.")
+    on_nan: Literal["stop", "skip"] = Field(
+        "stop",
+        description="A step whose loss or gradient norm is not finite never updates the state. "
+        "stop: end the run (exit 3) naming the step and the last good checkpoint; skip: go on and "
+        "count the skipped steps.",
+    )
 
     @model_validator(mode="before")
     @classmethod
@@ -224,6 +230,42 @@ class PrecisionConfig(_Section):
     params: Literal["fp32"] = Field("fp32", description="Parameter and optimizer-state dtype.")
 
 
+class KeepBestConfig(_Section):
+    metric: Literal["eval_loss", "eval_accuracy"] = Field(
+        description="Eval metric that ranks checkpoints taken right after an evaluation."
+    )
+    mode: Literal["min", "max"] | None = Field(
+        None, description="min or max is best; null = min for eval_loss, max for eval_accuracy."
+    )
+
+    @property
+    def best_is_max(self) -> bool:
+        return (self.mode or ("max" if self.metric == "eval_accuracy" else "min")) == "max"
+
+
+class CheckpointConfig(_Section):
+    enabled: bool = Field(True, description="Write checkpoints under <run dir>/checkpoints/.")
+    every_steps: PositiveInt | None = Field(None, description="Save every N steps.")
+    every_epochs: PositiveInt | None = Field(
+        1, description="Save at the end of every N epochs (null: only every_steps)."
+    )
+    keep: PositiveInt = Field(3, description="Keep the newest N checkpoints.")
+    keep_best: KeepBestConfig | None = Field(
+        None, description="Also keep the best checkpoint by an eval metric."
+    )
+    async_: bool = Field(
+        True,
+        alias="async",
+        description="Write in a background thread; training waits only for the device-to-host "
+        "copy.",
+    )
+    resume: Literal["never", "auto"] = Field(
+        "never",
+        description="auto: when the run directory holds a checkpoint, continue from it (as "
+        "--resume does); otherwise start fresh.",
+    )
+
+
 class OutputConfig(_Section):
     root: str = Field("runs", description="Parent folder of default run directories.")
     name: str | None = Field(None, description="Run name prefix; null = the config file's name.")
@@ -241,6 +283,9 @@ class Config(_Section):
     train: TrainConfig = Field(default_factory=TrainConfig, description="Training loop.")
     parallel: ParallelConfig = Field(default_factory=ParallelConfig, description="Sharding.")
     precision: PrecisionConfig = Field(default_factory=PrecisionConfig, description="Dtypes.")
+    checkpoint: CheckpointConfig = Field(
+        default_factory=CheckpointConfig, description="Checkpoints and resume."
+    )
     output: OutputConfig = Field(default_factory=OutputConfig, description="Run directory.")
 
     _source: Source | None = PrivateAttr(default=None)
@@ -259,4 +304,8 @@ class Config(_Section):
 
     def to_yaml(self) -> str:
         """Return the resolved config as YAML (what the run directory stores)."""
-        return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Return the resolved config as plain JSON types, keyed as in the YAML file."""
+        return self.model_dump(mode="json", by_alias=True)

@@ -14,9 +14,12 @@ from typing import Any
 import jax
 
 from accelctl import data
+from accelctl.checkpoint import Checkpointer
+from accelctl.errors import NonFiniteLoss
 from accelctl.metrics import MetricWriter
+from accelctl.train.preempt import PreemptionGuard
 from accelctl.train.setup import Setup
-from accelctl.train.state import TrainState
+from accelctl.train.state import TrainState, digest
 
 
 @dataclass
@@ -32,8 +35,11 @@ def _rates(sums: dict[str, float]) -> tuple[float, float]:
     return float(sums["loss_sum"]) / count, float(sums["correct"]) / count
 
 
-def evaluate(setup: Setup, state: TrainState) -> tuple[TrainState, dict[str, float]]:
-    """Run the eval split through the eval step; feed the plateau controller if it watches it.
+def evaluate(
+    setup: Setup, state: TrainState, *, update_plateau: bool = True
+) -> tuple[TrainState, dict[str, float]]:
+    """Run the eval split through the eval step; feed the plateau controller if it watches it
+    (unless `update_plateau` is false, as for evaluating a checkpoint).
 
     Returns:
         (state, {"loss", "accuracy", "count"}) with host floats.
@@ -48,35 +54,93 @@ def evaluate(setup: Setup, state: TrainState) -> tuple[TrainState, dict[str, flo
     with data.Prefetcher(batches, setup.put_fn, depth=2, name="accelctl-eval") as it:
         for batch in it:
             sums = setup.eval_step(state, batch, sums)
-    if setup.plateau_step is not None:
+    if setup.plateau_step is not None and update_plateau:
         state = setup.plateau_step(state, sums)
     host = jax.device_get(sums)
     loss, acc = _rates(host)
     return state, {"loss": loss, "accuracy": acc, "count": int(host["count"])}
 
 
-def run(setup: Setup, writer: MetricWriter, *, description: str = "train") -> dict[str, Any]:
-    """Train for `setup.total_steps` steps, evaluating and logging as configured.
+def _meta(setup: Setup, step: int, eval_metrics: dict[str, float] | None) -> dict[str, Any]:
+    """What a checkpoint records besides the state: enough to check and continue the run."""
+    import datetime as dt
+
+    import accelctl
+
+    spe = setup.steps_per_epoch
+    return {
+        "step": step,
+        "total_steps": setup.total_steps,
+        "steps_per_epoch": spe,
+        "data_position": data.DataPosition.at(
+            step, steps_per_epoch=spe, seed=setup.cfg.train.seed
+        ).to_dict(),
+        "eval": eval_metrics,
+        "config": setup.cfg.to_dict(),
+        "devices": int(setup.mesh.devices.size),
+        "accelctl_version": accelctl.__version__,
+        "jax_version": jax.__version__,
+        "time": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+    }
+
+
+def _nonfinite(setup: Setup, state: TrainState, checkpointer: Checkpointer | None) -> NonFiniteLoss:
+    first = int(jax.device_get(state.first_skipped))
+    last = checkpointer.last_saved if checkpointer is not None else None
+    good = (
+        f"The last good checkpoint is {checkpointer.path_of(last)} (step {last}): continue from "
+        "it with --resume after changing what diverged (e.g. a lower optimizer.lr)"
+        if checkpointer is not None and last is not None
+        else "No checkpoint was written before it"
+    )
+    return NonFiniteLoss(
+        f"step {first}: the loss or the gradients were not finite, so training stopped "
+        f"(train.on_nan: stop; the update of that step was not applied). {good}. To skip such "
+        "steps and go on instead, set train.on_nan: skip."
+    )
+
+
+def run(
+    setup: Setup,
+    writer: MetricWriter,
+    *,
+    start_step: int = 0,
+    checkpointer: Checkpointer | None = None,
+    guard: PreemptionGuard | None = None,
+    description: str = "train",
+) -> dict[str, Any]:
+    """Train from `start_step` to `setup.total_steps`, evaluating, logging and checkpointing.
 
     Args:
-        setup: from `make_setup`.
+        setup: from `make_setup` (its state is at `start_step`, e.g. restored).
         writer: receives train/eval events.
+        start_step: updates already done (a resumed run).
+        checkpointer: saves on its cadence, at the end and when preempted; None = no checkpoints.
+        guard: a signal sets `guard.requested`; the loop then checkpoints and stops.
         description: label of the progress bar.
     Returns:
-        Summary dict: final_eval, steps, train_samples_per_s, input_wait_fraction, wall_time_s, ...
+        Summary dict: status ("completed" or "preempted"), final_eval, steps,
+        train_samples_per_s, input_wait_fraction, wall_time_s, ...
+    Raises:
+        NonFiniteLoss: a non-finite step with `train.on_nan: stop`.
     """
     tc = setup.cfg.train
     spe, total, batch = setup.steps_per_epoch, setup.total_steps, setup.batch_size
     state = setup.state
     pending: _Interval | None = None
+    last_log = start_step
     final_eval: dict[str, float] | None = None
+    eval_step = -1
     eval_time = 0.0
     steady_t0, steady_step, steady_wait0 = None, 0, 0.0
+    preempted: str | None = None
     writer.start(total, description)
     wall0 = last_flush = time.perf_counter()
 
     def emit(iv: _Interval) -> None:
         sums = jax.device_get(iv.sums)
+        if sums["skipped"] and tc.on_nan == "stop":
+            raise _nonfinite(setup, state, checkpointer)
         loss, acc = _rates(sums)
         per_s = iv.steps / iv.seconds if iv.seconds > 0 else float("nan")
         writer.write(
@@ -84,17 +148,18 @@ def run(setup: Setup, writer: MetricWriter, *, description: str = "train") -> di
                 "event": "train",
                 "step": iv.step,
                 "epoch": (iv.step - 1) // spe + 1,
-                "loss": loss,
-                "accuracy": acc,
+                "loss": loss if sums["count"] else float("nan"),
+                "accuracy": acc if sums["count"] else float("nan"),
                 "lr": float(sums["lr"]),
+                "skipped": int(sums["skipped"]),
                 "steps_per_s": per_s,
                 "samples_per_s": per_s * batch,
                 "time_s": time.perf_counter() - wall0,
             }
         )
 
-    with setup.make_feed(0, total) as batches:
-        for step in range(total):
+    with setup.make_feed(start_step, total) as batches:
+        for step in range(start_step, total):
             state, _ = setup.train_step(state, next(batches))
             done = step + 1
             if steady_t0 is None:
@@ -107,9 +172,8 @@ def run(setup: Setup, writer: MetricWriter, *, description: str = "train") -> di
                 now = time.perf_counter()
                 if pending is not None:
                     emit(pending)
-                steps_in = done - (pending.step if pending else 0)
-                pending = _Interval(done, steps_in, sums, now - last_flush)
-                last_flush = now
+                pending = _Interval(done, done - last_log, sums, now - last_flush)
+                last_log, last_flush = done, now
             eval_due = done % tc.eval_every == 0 if tc.eval_every else done % spe == 0
             if eval_due or done == total:
                 # Evaluation needs this state anyway; waiting for it here keeps the queued train
@@ -117,32 +181,65 @@ def run(setup: Setup, writer: MetricWriter, *, description: str = "train") -> di
                 jax.block_until_ready(state)
                 t0 = time.perf_counter()
                 state, final_eval = evaluate(setup, state)
+                eval_step = done
                 writer.write(
                     {"event": "eval", "step": done, "epoch": (done - 1) // spe + 1, **final_eval}
                 )
                 eval_time += time.perf_counter() - t0
                 last_flush += time.perf_counter() - t0
+            preempted = guard.requested if guard is not None else None
+            if checkpointer is not None and (preempted or checkpointer.due(done)):
+                t0 = time.perf_counter()
+                # Flush the metrics up to here first: a run killed after this checkpoint has
+                # them all on disk, and its resumed run logs the rest.
+                if pending is not None:
+                    emit(pending)
+                    pending = None
+                if int(jax.device_get(state.first_skipped)) >= 0 and tc.on_nan == "stop":
+                    raise _nonfinite(setup, state, checkpointer)
+                evals = final_eval if eval_step == done else None
+                checkpointer.save(done, state, _meta(setup, done, evals), eval_metrics=evals)
+                eval_time += time.perf_counter() - t0  # not training time either
+                last_flush += time.perf_counter() - t0
+            if preempted:
+                break
         jax.block_until_ready(state)
         end = time.perf_counter()
         wait_total = batches.wait_time_s
     if pending is not None:
         emit(pending)
+    if preempted:
+        saved = checkpointer.path_of(done) if checkpointer is not None else None
+        writer.write(
+            {
+                "event": "preempted",
+                "step": done,
+                "signal": preempted,
+                "checkpoint": str(saved) if saved else None,
+            }
+        )
     writer.close()
 
-    assert final_eval is not None and steady_t0 is not None
+    assert steady_t0 is not None
     steady_s = end - steady_t0 - eval_time
-    steady_steps = total - steady_step
+    steady_steps = done - steady_step
     train_s = end - wall0 - eval_time
     samples_per_s = (
         steady_steps * batch / steady_s
         if steady_steps and steady_s > 0
-        else (total * batch / train_s)
+        else ((done - start_step) * batch / train_s)
     )
     setup.state = state
+    host_model = jax.device_get((state.params, state.model_state))
     return {
+        "status": "preempted" if preempted else "completed",
+        "signal": preempted,
         "final_eval": final_eval,
-        "steps": total,
-        "epochs": total / spe,
+        "final_eval_step": eval_step if eval_step >= 0 else None,
+        "steps": done,
+        "start_step": start_step,
+        "total_steps": total,
+        "epochs": done / spe,
         "steps_per_epoch": spe,
         "global_batch_size": batch,
         "train_samples_per_s": samples_per_s,
@@ -152,9 +249,17 @@ def run(setup: Setup, writer: MetricWriter, *, description: str = "train") -> di
         "mesh": dict(setup.mesh.shape),
         "processes": jax.process_count(),
         "num_params": setup.num_params,
+        "params_sha256": digest(host_model),
+        "skipped_steps": int(jax.device_get(state.skipped)),
         "data_cache": setup.cache_mode,
         # Where the input pipeline stands: a resumed run starts its data here.
-        "data_position": data.DataPosition.at(total, steps_per_epoch=spe, seed=tc.seed).to_dict(),
+        "data_position": data.DataPosition.at(done, steps_per_epoch=spe, seed=tc.seed).to_dict(),
+        "checkpoint": (
+            str(checkpointer.path_of(checkpointer.last_saved))
+            if checkpointer is not None and checkpointer.last_saved is not None
+            else None
+        ),
+        "best_checkpoint": checkpointer.best if checkpointer is not None else None,
         "compile_time_s": setup.compile_time_s,
         "wall_time_s": end - wall0,
         "eval_time_s": eval_time,

@@ -22,7 +22,7 @@ from accelctl import data, models, optim, parallel
 from accelctl.config import Config
 from accelctl.data import Dataset, Split
 from accelctl.errors import FieldError
-from accelctl.train.state import TrainState, zero_sums
+from accelctl.train.state import TRAIN_SUM_KEYS, TrainState, zero_sums
 from accelctl.train.step import (
     StepConfig,
     make_cached_train_step,
@@ -143,11 +143,13 @@ def _place_data(cfg: Config, mesh: Mesh, ds: Dataset) -> tuple[Dataset, str, str
     return Dataset(ds.name, train, ev, ds.num_classes, ds.x_scale), mode, reason
 
 
-def make_setup(cfg: Config) -> Setup:
+def make_setup(cfg: Config, *, compile_train: bool = True) -> Setup:
     """Build the mesh, load the data, initialise the sharded state and compile the steps.
 
     Args:
         cfg: validated config.
+        compile_train: compile the train step ahead of time (and time it); False leaves it to
+            compile on first use (evaluation-only jobs never use it).
     Returns:
         Setup with the initial state on the devices and the compiled step functions.
     Raises:
@@ -180,7 +182,9 @@ def make_setup(cfg: Config) -> Setup:
             opt_state=opt.tx.init(params),
             rng=dropout_key,
             plateau=opt.plateau.init(params) if opt.plateau is not None else None,
-            sums=zero_sums(),
+            sums=zero_sums(TRAIN_SUM_KEYS),
+            skipped=jnp.zeros((), jnp.int32),
+            first_skipped=jnp.full((), -1, jnp.int32),
         )
 
     state_sh = parallel.state_shardings(mesh, jax.eval_shape(init), cfg.parallel.strategy)
@@ -226,8 +230,8 @@ def make_setup(cfg: Config) -> Setup:
         donate_argnums=0,
     )
     t0 = time.perf_counter()
-    train_step = train_jit.lower(state, abstract_feed).compile()
-    compile_time_s = time.perf_counter() - t0
+    train_step = train_jit.lower(state, abstract_feed).compile() if compile_train else train_jit
+    compile_time_s = time.perf_counter() - t0 if compile_train else 0.0
 
     eval_step = jax.jit(
         _counted(make_eval_step(sc), "eval_step", traces),

@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+import hashlib
 from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx, struct
 
 # Running sums since the last metric read; summed on device so the host reads them rarely.
 SUM_KEYS = ("loss_sum", "correct", "count")
+# Train sums also count the steps whose update was skipped (non-finite loss or gradients).
+TRAIN_SUM_KEYS = (*SUM_KEYS, "skipped")
 
 
 @struct.dataclass
@@ -23,7 +27,9 @@ class TrainState:
         opt_state: optax state for `params`.
         rng: base PRNG key; step s uses fold_in(rng, s) for dropout.
         plateau: ReduceLROnPlateau state (optax.contrib) or None.
-        sums: float32 scalars {loss_sum, correct, count} since the last read.
+        sums: float32 scalars {loss_sum, correct, count, skipped} since the last read.
+        skipped: int32 scalar, steps whose update was skipped (non-finite) in the whole run.
+        first_skipped: int32 scalar, the first such step (1-based, as logged), -1 if none.
     """
 
     step: jax.Array
@@ -33,8 +39,23 @@ class TrainState:
     rng: jax.Array
     plateau: Any
     sums: dict[str, jax.Array]
+    skipped: jax.Array
+    first_skipped: jax.Array
 
 
-def zero_sums() -> dict[str, jax.Array]:
+def zero_sums(keys: tuple[str, ...] = SUM_KEYS) -> dict[str, jax.Array]:
     """Fresh metric sums (call inside jit so no host transfer is needed)."""
-    return {k: jnp.zeros((), jnp.float32) for k in SUM_KEYS}
+    return {k: jnp.zeros((), jnp.float32) for k in keys}
+
+
+def digest(host_tree: Any) -> str:
+    """SHA-256 over every leaf's dtype, shape and bytes, in tree order (host arrays).
+
+    Two runs that end with bit-identical parameters have the same digest.
+    """
+    h = hashlib.sha256()
+    for leaf in jax.tree.leaves(host_tree):
+        a = np.ascontiguousarray(np.asarray(leaf))
+        h.update(f"{a.dtype}{a.shape}".encode())
+        h.update(a.tobytes())
+    return h.hexdigest()

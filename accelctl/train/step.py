@@ -18,7 +18,7 @@ from flax import nnx
 from accelctl.data.augment import augment_images
 from accelctl.optim import Optimizer
 from accelctl.train.losses import LOSSES, correct
-from accelctl.train.state import TrainState, zero_sums
+from accelctl.train.state import TRAIN_SUM_KEYS, TrainState, zero_sums
 
 Batch = dict[str, jax.Array]
 
@@ -98,12 +98,22 @@ def make_train_step(sc: StepConfig) -> Callable[[TrainState, Batch], tuple[Train
                 _, plateau = opt.plateau.update({}, plateau, value=loss)
             updates = jax.tree.map(lambda u: u * plateau.scale, updates)
         params = optax.apply_updates(state.params, updates)
-        n = jnp.float32(batch["y"].shape[0])
+        # A non-finite loss or gradient never reaches the state: the whole update is dropped
+        # (train.on_nan decides on the host whether the run stops or goes on).
+        finite = jnp.isfinite(loss) & jnp.isfinite(optax.tree.norm(grads))
+        params, model_state, opt_state, plateau = _keep_if(
+            finite,
+            (params, model_state, opt_state, plateau),
+            (state.params, state.model_state, state.opt_state, state.plateau),
+        )
+        n = jnp.where(finite, jnp.float32(batch["y"].shape[0]), 0.0)
         sums = {
-            "loss_sum": state.sums["loss_sum"] + loss * n,
-            "correct": state.sums["correct"] + jnp.sum(correct(logits, batch["y"])),
+            "loss_sum": state.sums["loss_sum"] + jnp.where(finite, loss, 0.0) * n,
+            "correct": state.sums["correct"] + jnp.sum(correct(logits, batch["y"])) * (n > 0),
             "count": state.sums["count"] + n,
+            "skipped": state.sums["skipped"] + (~finite).astype(jnp.float32),
         }
+        first_bad = (state.first_skipped < 0) & ~finite
         new_state = state.replace(
             step=state.step + 1,
             params=params,
@@ -111,10 +121,17 @@ def make_train_step(sc: StepConfig) -> Callable[[TrainState, Batch], tuple[Train
             opt_state=opt_state,
             plateau=plateau,
             sums=sums,
+            skipped=state.skipped + (~finite).astype(jnp.int32),
+            first_skipped=jnp.where(first_bad, state.step + 1, state.first_skipped),
         )
         return new_state, {"loss": loss}
 
     return train_step
+
+
+def _keep_if(ok: jax.Array, new: Any, old: Any) -> Any:
+    """`new` where the scalar `ok` is true, else `old`, leaf by leaf (no copy when ok)."""
+    return jax.tree.map(lambda a, b: jnp.where(ok, a, b), new, old)
 
 
 def make_cached_train_step(
@@ -173,7 +190,7 @@ def make_take_sums(sc: StepConfig) -> Callable[[TrainState], tuple[TrainState, B
         lr = jnp.asarray(opt.lr_fn(jnp.maximum(state.step - 1, 0)), jnp.float32)
         if opt.plateau is not None:
             lr = lr * state.plateau.scale
-        return state.replace(sums=zero_sums()), {**state.sums, "lr": lr}
+        return state.replace(sums=zero_sums(TRAIN_SUM_KEYS)), {**state.sums, "lr": lr}
 
     return take_sums
 

@@ -1,0 +1,369 @@
+"""Orbax checkpoints of the whole train state: save on a cadence, restore the newest good one.
+
+Layout: `<run dir>/checkpoints/<step>/{state, meta}`. `state` is the TrainState pytree
+(parameters, model and optimizer state incl. schedule/plateau state, step, RNG key, metric sums),
+`meta` is JSON: the resolved config, the data position, the eval metrics of that step, versions.
+
+Orbax writes each step into a `<step>.orbax-checkpoint-tmp...` folder and renames it when the
+write is complete, so a folder named by its step number alone is complete. A leftover temporary
+folder is a checkpoint the process died writing: it is reported and never read. A complete
+folder that cannot be read (truncated or corrupted files) is skipped for the previous one, and
+the caller is told why.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import jax
+
+from accelctl.config import CheckpointConfig
+from accelctl.errors import UserError
+
+CHECKPOINT_DIR = "checkpoints"
+_TMP_MARK = ".orbax-checkpoint-tmp"
+
+
+@dataclass
+class Restored:
+    """A restored checkpoint: its step, state, metadata, folder, and what was skipped on the way."""
+
+    step: int
+    state: Any
+    meta: dict[str, Any]
+    path: Path
+    notes: list[str] = field(default_factory=list)
+
+
+class IncompatibleCheckpoint(UserError):
+    """The checkpoint was written by a run this config cannot continue (model, optimizer, ...)."""
+
+
+def _quiet_closed_loop(previous: Callable[[Any], None]) -> Callable[[Any], None]:
+    """Wrap `sys.unraisablehook` to drop the "Event loop is closed" noise of a failed restore.
+
+    When a restore fails on a damaged file, tensorstore still completes the other reads and
+    hands them to orbax's asyncio loop, which is closed by then; each one is reported from a C++
+    thread as an unraisable RuntimeError with a traceback. The failure itself is reported (and
+    handled) by `restore`; every other unraisable error still reaches `previous`.
+    """
+
+    def hook(unraisable: Any) -> None:
+        exc = unraisable.exc_value
+        if isinstance(exc, RuntimeError) and str(exc) == "Event loop is closed":
+            return
+        previous(unraisable)
+
+    hook.accelctl_quiet = True  # type: ignore[attr-defined]
+    return hook
+
+
+def _ocp() -> Any:
+    import orbax.checkpoint as ocp
+
+    # Orbax logs every save and restore at INFO/WARNING through absl; accelctl reports itself.
+    logging.getLogger("absl").setLevel(logging.ERROR)
+    if not getattr(sys.unraisablehook, "accelctl_quiet", False):
+        sys.unraisablehook = _quiet_closed_loop(sys.unraisablehook)
+    return ocp
+
+
+def _manager(directory: Path, cfg: CheckpointConfig | None) -> Any:
+    """A CheckpointManager over `directory`; read-only when `cfg` is None."""
+    ocp = _ocp()
+    cm = ocp.checkpoint_managers
+    handlers = {"state": ocp.StandardCheckpointHandler(), "meta": ocp.JsonCheckpointHandler()}
+    if cfg is None:
+        options = ocp.CheckpointManagerOptions(read_only=True, create=False)
+    else:
+        policies = [cm.LatestN(n=cfg.keep)]
+        if cfg.keep_best is not None:
+            metric = cfg.keep_best.metric
+            policies.append(
+                cm.BestN(
+                    get_metric_fn=lambda m: m[metric],
+                    # BestN keeps the last n after sorting: ascending keeps the largest.
+                    reverse=not cfg.keep_best.best_is_max,
+                    n=1,
+                    keep_checkpoints_without_metrics=False,
+                )
+            )
+        options = ocp.CheckpointManagerOptions(
+            enable_async_checkpointing=cfg.async_,
+            preservation_policy=cm.AnyPreservationPolicy(policies),
+            cleanup_tmp_directories=True,
+            create=True,
+        )
+    return ocp.CheckpointManager(directory.absolute(), item_handlers=handlers, options=options)
+
+
+def incomplete_checkpoints(directory: Path) -> list[Path]:
+    """Folders of checkpoints that were being written when their process stopped."""
+    if not directory.is_dir():
+        return []
+    return sorted(p for p in directory.iterdir() if _TMP_MARK in p.name)
+
+
+def complete_steps(directory: Path) -> list[int]:
+    """Steps with a complete checkpoint folder in `directory`, oldest first."""
+    if not directory.is_dir():
+        return []
+    return sorted(int(p.name) for p in directory.iterdir() if p.is_dir() and p.name.isdigit())
+
+
+class Checkpointer:
+    """Saves the train state on the configured cadence (and on request) under one directory.
+
+    Args:
+        directory: `<run dir>/checkpoints`.
+        cfg: the `checkpoint` section.
+        steps_per_epoch: for `every_epochs`.
+        total_steps: the final step is always saved.
+    """
+
+    def __init__(
+        self, directory: Path, cfg: CheckpointConfig, *, steps_per_epoch: int, total_steps: int
+    ) -> None:
+        self.directory = directory
+        self._cfg = cfg
+        self._spe, self._total = steps_per_epoch, total_steps
+        self._mngr = _manager(directory, cfg)
+        self.last_saved: int | None = None
+        self.best: dict[str, Any] | None = None
+
+    def due(self, step: int) -> bool:
+        """Whether `step` (updates done) is a checkpoint step of the cadence, or the last one."""
+        c = self._cfg
+        return (
+            step == self._total
+            or (c.every_steps is not None and step % c.every_steps == 0)
+            or (c.every_epochs is not None and step % (c.every_epochs * self._spe) == 0)
+        )
+
+    def path_of(self, step: int) -> Path:
+        return self.directory / str(step)
+
+    def save(
+        self, step: int, state: Any, meta: dict[str, Any], *, eval_metrics: dict | None = None
+    ) -> Path:
+        """Write `state` and `meta` as checkpoint `step` (in the background when async).
+
+        Returns once the state has been copied off the devices, so the caller may donate it.
+        `eval_metrics` ({"loss", "accuracy"} of an evaluation at this step) rank keep_best.
+        """
+        ocp = _ocp()
+        metrics = None
+        if eval_metrics is not None:
+            metrics = {"eval_loss": eval_metrics["loss"], "eval_accuracy": eval_metrics["accuracy"]}
+            self._track_best(step, metrics)
+        self._mngr.save(
+            step,
+            args=ocp.args.Composite(
+                state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)
+            ),
+            metrics=metrics,
+            force=True,
+        )
+        self.last_saved = step
+        return self.path_of(step)
+
+    def _track_best(self, step: int, metrics: dict[str, float]) -> None:
+        kb = self._cfg.keep_best
+        if kb is None:
+            return
+        value = metrics[kb.metric]
+        better = self.best is None or (
+            value > self.best["value"] if kb.best_is_max else value < self.best["value"]
+        )
+        if better:
+            self.best = {
+                "step": step,
+                "metric": kb.metric,
+                "value": value,
+                "path": str(self.path_of(step)),
+            }
+
+    def wait(self) -> None:
+        """Block until every started save is complete on disk."""
+        self._mngr.wait_until_finished()
+
+    def close(self) -> None:
+        """Finish pending writes and release the manager's threads."""
+        self._mngr.wait_until_finished()
+        self._mngr.close()
+
+
+def _path_str(path: tuple[Any, ...]) -> str:
+    parts = []
+    for k in path:
+        for attr in ("key", "name", "idx"):
+            if hasattr(k, attr):
+                parts.append(str(getattr(k, attr)))
+                break
+        else:
+            parts.append(str(k))
+    return ".".join(parts)
+
+
+def _shape(leaf: Any) -> tuple[int, ...]:
+    dtype = getattr(leaf, "dtype", None)
+    if dtype is not None and jax.dtypes.issubdtype(dtype, jax.dtypes.prng_key):
+        # Orbax stores a typed PRNG key as its key data: one more trailing axis.
+        return tuple(jax.eval_shape(jax.random.key_data, leaf).shape)
+    return tuple(getattr(leaf, "shape", ()))
+
+
+def _shapes(tree: Any) -> dict[str, tuple[int, ...]]:
+    flat = jax.tree_util.tree_flatten_with_path(tree)[0]
+    return {_path_str(p): _shape(leaf) for p, leaf in flat}
+
+
+def _check_structure(saved: Any, abstract_state: Any, where: Path) -> None:
+    """Raise IncompatibleCheckpoint listing arrays that are missing, extra or of another shape."""
+    have, want = _shapes(saved), _shapes(abstract_state)
+    diffs = [
+        f"{k}: checkpoint {have[k]} vs config {want[k]}"
+        for k in sorted(have.keys() & want.keys())
+        if have[k] != want[k]
+    ]
+    diffs += [f"{k}: only in the checkpoint" for k in sorted(have.keys() - want.keys())]
+    diffs += [f"{k}: missing from the checkpoint" for k in sorted(want.keys() - have.keys())]
+    if diffs:
+        shown = "; ".join(diffs[:8]) + (f"; ... ({len(diffs) - 8} more)" if len(diffs) > 8 else "")
+        raise IncompatibleCheckpoint(
+            f"checkpoint {where} does not fit the state this config builds: {shown}. Use the "
+            "config the checkpoint was written with."
+        )
+
+
+def _why(e: BaseException) -> str:
+    text = str(e).strip().splitlines()
+    return f"{type(e).__name__}: {text[0][:300]}" if text else type(e).__name__
+
+
+def _read_meta(mngr: Any, step: int) -> dict[str, Any]:
+    ocp = _ocp()
+    meta = mngr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta
+    if not isinstance(meta, dict) or not isinstance(meta.get("config"), dict):
+        raise ValueError("its meta item is not a JSON object with the run's config")
+    return meta
+
+
+def read_meta(directory: Path, step: int | None = None) -> dict[str, Any]:
+    """The metadata (config, data position, eval metrics) of checkpoint `step` or of the newest
+    one whose metadata is readable.
+
+    Raises:
+        UserError: no complete checkpoint with readable metadata.
+    """
+    steps = [step] if step is not None else list(reversed(complete_steps(directory)))
+    errors = []
+    mngr = _manager(directory, None)
+    try:
+        for s in steps:
+            try:
+                return _read_meta(mngr, s)
+            except Exception as e:  # noqa: BLE001 - reported below
+                errors.append(f"{directory / str(s)}: {_why(e)}")
+    finally:
+        mngr.close()
+    raise UserError(
+        f"no checkpoint with readable metadata in {directory}"
+        + (f" ({'; '.join(errors)})" if errors else "")
+    )
+
+
+def restore(
+    directory: Path,
+    abstract_state: Any,
+    *,
+    step: int | None = None,
+    check_meta_fn: Callable[[dict[str, Any], Path], None] | None = None,
+) -> Restored:
+    """Restore the newest readable checkpoint in `directory` (or exactly `step`).
+
+    Args:
+        directory: a checkpoints folder.
+        abstract_state: pytree of ShapeDtypeStructs with shardings: the restored arrays get them.
+        step: restore this step only (no fallback).
+        check_meta_fn: called with (meta, path) before the state is read; raises a UserError
+            when the checkpoint must not be used (e.g. an incompatible config).
+    Returns:
+        Restored, with `notes` saying which checkpoints were skipped and why.
+    Raises:
+        UserError: no complete, readable checkpoint; IncompatibleCheckpoint.
+    """
+    ocp = _ocp()
+    notes = [
+        f"ignored {p}: a checkpoint that was still being written when its process stopped"
+        for p in incomplete_checkpoints(directory)
+    ]
+    steps = complete_steps(directory)
+    if step is not None:
+        if step not in steps:
+            raise UserError(
+                f"{directory} has no complete checkpoint for step {step}; it has "
+                f"{', '.join(map(str, steps)) or 'none'}"
+            )
+        steps = [step]
+    if not steps:
+        raise UserError(
+            f"{directory} holds no complete checkpoint"
+            + (" (only ones that were still being written)" if notes else "")
+            + "; start a fresh run instead (leave out --resume)"
+        )
+    mngr = _manager(directory, None)
+    try:
+        for s in reversed(steps):
+            path = directory / str(s)
+            try:
+                meta = _read_meta(mngr, s)
+                if check_meta_fn is not None:
+                    check_meta_fn(meta, path)
+                _check_structure(mngr.item_metadata(s)["state"], abstract_state, path)
+                state = mngr.restore(
+                    s, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state))
+                ).state
+            except UserError:
+                raise
+            except Exception as e:  # noqa: BLE001 - any unreadable checkpoint falls back
+                notes.append(f"skipped {path}: unreadable ({_why(e)})")
+                continue
+            return Restored(step=s, state=state, meta=meta, path=path, notes=notes)
+    finally:
+        mngr.close()
+    raise UserError(
+        f"no readable checkpoint in {directory}: "
+        + "; ".join(notes)
+        + ". Delete the damaged folders or start a fresh run."
+    )
+
+
+def find_checkpoint(path: Path) -> tuple[Path, int | None]:
+    """Resolve what a user names as a checkpoint: a run directory, its checkpoints folder, or a
+    step folder.
+
+    Returns:
+        (checkpoints folder, step or None for the newest).
+    Raises:
+        UserError: nothing checkpoint-like at `path`.
+    """
+    if not path.exists():
+        steps = complete_steps(path.parent) if path.name.isdigit() else []
+        have = f"; {path.parent} has steps {', '.join(map(str, steps))}" if steps else ""
+        raise UserError(f"--checkpoint {path} does not exist{have}")
+    if (path / CHECKPOINT_DIR).is_dir():
+        return path / CHECKPOINT_DIR, None
+    if path.is_dir() and path.name.isdigit() and (path / "state").exists():
+        return path.parent, int(path.name)
+    if path.is_dir() and (complete_steps(path) or incomplete_checkpoints(path)):
+        return path, None
+    raise UserError(
+        f"--checkpoint {path}: not a run directory, a checkpoints folder or a checkpoint step "
+        f"folder (expected {path}/{CHECKPOINT_DIR}/<step>/ or {path}/<step>/state)"
+    )

@@ -1,0 +1,64 @@
+"""`accelctl eval`: evaluate a saved checkpoint on the eval split of its (or a given) config."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from accelctl import checkpoint, config
+from accelctl.checkpoint import IncompatibleCheckpoint
+from accelctl.config import Config
+from accelctl.train.resume import config_changes
+
+
+def evaluate_checkpoint(
+    path: Path, cfg: Config | None = None, overrides: Sequence[str] = ()
+) -> dict[str, Any]:
+    """Restore a checkpoint and run the eval split through the eval step.
+
+    Args:
+        path: a run directory, its `checkpoints/` folder (newest good checkpoint) or a step
+            folder `checkpoints/<step>`.
+        cfg: the config to build model and data from; None = the one stored in the checkpoint
+            (with `overrides` applied, e.g. `data.eval_split=test`).
+        overrides: `--set` strings, only used when cfg is None.
+    Returns:
+        {"checkpoint", "step", "eval": {"loss", "accuracy", "count"}, "devices", "notes"}.
+    Raises:
+        UserError: nothing checkpoint-like at `path`, unreadable checkpoints, or a config whose
+            model differs from the checkpoint's.
+    """
+    from accelctl.train import abstract_like
+    from accelctl.train.loop import evaluate
+    from accelctl.train.setup import make_setup
+
+    directory, step = checkpoint.find_checkpoint(path)
+    if cfg is None:
+        meta = checkpoint.read_meta(directory, step)
+        text = yaml.safe_dump(meta["config"], sort_keys=False)
+        cfg = config.load_text(text, f"{directory}/{meta.get('step', '?')}/meta:config", overrides)
+    setup = make_setup(cfg, compile_train=False)
+
+    def same_model(meta: dict[str, Any], where: Path) -> None:
+        _, refused = config_changes(meta["config"], cfg.to_dict())
+        model = [line for line in refused if line.startswith("model.")]
+        if model:
+            raise IncompatibleCheckpoint(
+                f"checkpoint {where} holds a different model than the config: "
+                f"{'; '.join(model)}; leave out the config to use the checkpoint's own"
+            )
+
+    restored = checkpoint.restore(
+        directory, abstract_like(setup.state), step=step, check_meta_fn=same_model
+    )
+    _, metrics = evaluate(setup, restored.state, update_plateau=False)
+    return {
+        "checkpoint": str(restored.path),
+        "step": restored.step,
+        "eval": metrics,
+        "devices": int(setup.mesh.devices.size),
+        "notes": restored.notes,
+    }
