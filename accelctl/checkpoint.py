@@ -93,11 +93,20 @@ def _manager(directory: Path, cfg: CheckpointConfig | None) -> Any:
                     keep_checkpoints_without_metrics=False,
                 )
             )
+        best: dict[str, Any] = {}
+        if cfg.keep_best is not None:
+            # best_fn makes orbax write each checkpoint's metrics to disk, so a resumed run's
+            # manager still ranks (and keeps) the best checkpoint of before the interruption.
+            best = {
+                "best_fn": lambda m: m[metric],
+                "best_mode": "max" if cfg.keep_best.best_is_max else "min",
+            }
         options = ocp.CheckpointManagerOptions(
             enable_async_checkpointing=cfg.async_,
             preservation_policy=cm.AnyPreservationPolicy(policies),
             cleanup_tmp_directories=True,
             create=True,
+            **best,
         )
     return ocp.CheckpointManager(directory.absolute(), item_handlers=handlers, options=options)
 
@@ -114,6 +123,10 @@ def complete_steps(directory: Path) -> list[int]:
     if not directory.is_dir():
         return []
     return sorted(int(p.name) for p in directory.iterdir() if p.is_dir() and p.name.isdigit())
+
+
+def _rank_metrics(eval_metrics: dict[str, Any]) -> dict[str, float]:
+    return {"eval_loss": eval_metrics["loss"], "eval_accuracy": eval_metrics["accuracy"]}
 
 
 class Checkpointer:
@@ -135,6 +148,14 @@ class Checkpointer:
         self._mngr = _manager(directory, cfg)
         self.last_saved: int | None = None
         self.best: dict[str, Any] | None = None
+        if cfg.keep_best is not None:  # a resumed run: the best may be an earlier checkpoint
+            for step in complete_steps(directory):
+                try:
+                    evals = _read_meta(self._mngr, step).get("eval")
+                except Exception:  # noqa: BLE001 - an unreadable one is not a candidate
+                    continue
+                if evals:
+                    self._track_best(step, _rank_metrics(evals))
 
     def due(self, step: int) -> bool:
         """Whether `step` (updates done) is a checkpoint step of the cadence, or the last one."""
@@ -159,7 +180,7 @@ class Checkpointer:
         ocp = _ocp()
         metrics = None
         if eval_metrics is not None:
-            metrics = {"eval_loss": eval_metrics["loss"], "eval_accuracy": eval_metrics["accuracy"]}
+            metrics = _rank_metrics(eval_metrics)
             self._track_best(step, metrics)
         self._mngr.save(
             step,
@@ -177,8 +198,9 @@ class Checkpointer:
         if kb is None:
             return
         value = metrics[kb.metric]
+        # Ties go to the newer checkpoint, as orbax's BestN keeps it (stable sort, keeps last).
         better = self.best is None or (
-            value > self.best["value"] if kb.best_is_max else value < self.best["value"]
+            value >= self.best["value"] if kb.best_is_max else value <= self.best["value"]
         )
         if better:
             self.best = {

@@ -194,3 +194,55 @@ def test_python_m_accelctl_train_subprocess(tiny_file, tmp_path):
     assert (tmp_path / "r" / "summary.json").exists()
     bad = run_cli("-m", "accelctl", "train", str(tiny_file), "--set", "train.batch_size=12")
     assert bad.returncode == 2 and "Traceback" not in bad.stderr and "batch_size" in bad.stderr
+
+
+def test_eval_command_reproduces_the_final_eval(tiny_file, tmp_path):
+    run_dir = tmp_path / "run"
+    assert invoke("train", str(tiny_file), "--run-dir", str(run_dir), "--quiet").exit_code == 0
+    summary = json.loads((run_dir / "summary.json").read_text())
+    result = invoke("eval", "--checkpoint", str(run_dir), "--json", "-")
+    assert result.exit_code == 0, result.output
+    out = json.loads(result.stdout)
+    assert out["step"] == summary["steps"] == 12
+    assert out["eval"] == summary["final_eval"]
+    # With the config named explicitly and a step folder, the same numbers.
+    step_dir = run_dir / "checkpoints" / "12"
+    result = invoke("eval", "--checkpoint", str(step_dir), str(tiny_file), "--json", "-")
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["eval"] == summary["final_eval"]
+    table = invoke("eval", "--checkpoint", str(run_dir))
+    assert table.exit_code == 0 and "eval accuracy" in table.output
+
+
+def test_eval_and_resume_input_errors(tiny_file, tmp_path):
+    assert_user_error(invoke("eval", "--checkpoint", str(tmp_path / "nope")), "does not exist")
+    assert_user_error(invoke("eval", "--checkpoint", str(tmp_path)), "not a run directory")
+    assert_user_error(invoke("train", str(tiny_file), "--resume"), "--resume needs --run-dir")
+    empty = tmp_path / "empty"
+    assert_user_error(
+        invoke("train", str(tiny_file), "--run-dir", str(empty), "--resume"),
+        "holds no checkpoint",
+    )
+    run_dir = tmp_path / "run"
+    assert invoke("train", str(tiny_file), "--run-dir", str(run_dir), "-q").exit_code == 0
+    before = (run_dir / "metrics.jsonl").read_text()
+    result = invoke(
+        "train", str(tiny_file), "--run-dir", str(run_dir), "--resume", "--set", "model.hidden=[8]"
+    )
+    assert_user_error(result, "model.hidden: [16] -> [8]", "config.yaml")
+    assert (run_dir / "metrics.jsonl").read_text() == before  # nothing written was lost
+    # A model the checkpoint does not hold cannot be evaluated either.
+    result = invoke(
+        "eval", "--checkpoint", str(run_dir), str(tiny_file), "--set", "model.hidden=[8]"
+    )
+    assert_user_error(result, "model.hidden")
+
+
+def test_resume_of_a_finished_run_is_a_no_op(tiny_file, tmp_path):
+    run_dir = tmp_path / "run"
+    assert invoke("train", str(tiny_file), "--run-dir", str(run_dir), "-q").exit_code == 0
+    summary = (run_dir / "summary.json").read_text()
+    result = invoke("train", str(tiny_file), "--run-dir", str(run_dir), "--resume", "-q")
+    assert result.exit_code == 0, result.output
+    assert "already complete" in result.output
+    assert (run_dir / "summary.json").read_text() == summary

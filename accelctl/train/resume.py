@@ -34,7 +34,11 @@ ALLOWED_CHANGES = (
     "parallel.num_devices",
     "parallel.mesh",
 )
-_ABSENT = "(not set)"
+_ABSENT = object()
+
+
+def _show(value: Any) -> str:
+    return "(not set)" if value is _ABSENT else json.dumps(value)
 
 
 def _flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
@@ -61,9 +65,7 @@ def config_changes(saved: dict[str, Any], current: dict[str, Any]) -> tuple[list
     for key in sorted(old.keys() | new.keys()):
         a, b = old.get(key, _ABSENT), new.get(key, _ABSENT)
         if a != b:
-            (allowed if _allowed(key) else refused).append(
-                f"{key}: {json.dumps(a)} -> {json.dumps(b)}"
-            )
+            (allowed if _allowed(key) else refused).append(f"{key}: {_show(a)} -> {_show(b)}")
     return allowed, refused
 
 
