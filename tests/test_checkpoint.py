@@ -597,3 +597,14 @@ def test_preemption_guard_is_inert_outside_the_main_thread():
     thread.start()
     thread.join()
     assert seen == {"handlers": before, "requested": None}
+
+
+def test_resume_after_the_last_checkpoint_but_before_the_summary(ref, tmp_path):
+    src, full = ref
+    run_dir = _copy(src, tmp_path / "run")
+    (run_dir / "summary.json").unlink()  # killed between the final checkpoint and the summary
+    summary = train(_cfg(REF), run_dir=run_dir, quiet=True, resume=True, log_fn=lambda m: None)
+    assert summary["start_step"] == summary["steps"] == 12
+    assert summary["final_eval"] == full["final_eval"]
+    assert summary["params_sha256"] == full["params_sha256"]
+    assert json.loads((run_dir / "summary.json").read_text())["status"] == "completed"

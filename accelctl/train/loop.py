@@ -131,7 +131,8 @@ def run(
     last_log = start_step
     final_eval: dict[str, float] | None = None
     eval_step = -1
-    eval_time = 0.0
+    eval_time = ckpt_time = 0.0
+    ckpt_saves = 0
     steady_t0, steady_step, steady_wait0 = None, 0, 0.0
     preempted: str | None = None
     writer.start(total, description)
@@ -158,6 +159,7 @@ def run(
             }
         )
 
+    done = start_step
     with setup.make_feed(start_step, total) as batches:
         for step in range(start_step, total):
             state, _ = setup.train_step(state, next(batches))
@@ -187,7 +189,8 @@ def run(
                 )
                 eval_time += time.perf_counter() - t0
                 last_flush += time.perf_counter() - t0
-            preempted = guard.requested if guard is not None else None
+            # A signal during the last step changes nothing: the run completes normally.
+            preempted = guard.requested if guard is not None and done < total else None
             if checkpointer is not None and (preempted or checkpointer.due(done)):
                 t0 = time.perf_counter()
                 # Flush the metrics up to here first: a run killed after this checkpoint has
@@ -199,7 +202,8 @@ def run(
                     raise _nonfinite(setup, state, checkpointer)
                 evals = final_eval if eval_step == done else None
                 checkpointer.save(done, state, _meta(setup, done, evals), eval_metrics=evals)
-                eval_time += time.perf_counter() - t0  # not training time either
+                ckpt_time += time.perf_counter() - t0  # not training time either
+                ckpt_saves += 1
                 last_flush += time.perf_counter() - t0
             if preempted:
                 break
@@ -220,10 +224,16 @@ def run(
         )
     writer.close()
 
-    assert steady_t0 is not None
-    steady_s = end - steady_t0 - eval_time
+    if final_eval is None and not preempted:
+        # Resumed from the last step's checkpoint (killed before its summary): nothing is left
+        # to train, but the summary needs the final evaluation.
+        state, final_eval = evaluate(setup, state, update_plateau=False)
+        eval_step = done
+    if steady_t0 is None:
+        steady_t0, steady_step = end, done
+    steady_s = end - steady_t0 - eval_time - ckpt_time
     steady_steps = done - steady_step
-    train_s = end - wall0 - eval_time
+    train_s = end - wall0 - eval_time - ckpt_time
     samples_per_s = (
         steady_steps * batch / steady_s
         if steady_steps and steady_s > 0
@@ -263,6 +273,9 @@ def run(
         "compile_time_s": setup.compile_time_s,
         "wall_time_s": end - wall0,
         "eval_time_s": eval_time,
+        # What the loop waited for checkpoints (with async: the copy off the devices only).
+        "checkpoint_time_s": ckpt_time,
+        "checkpoints_saved": ckpt_saves,
         "input_wait_s": wait_total,
         "input_wait_fraction": wait_total / train_s if train_s > 0 else 0.0,
         "steady_input_wait_fraction": (wait_total - steady_wait0) / steady_s
