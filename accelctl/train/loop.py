@@ -192,6 +192,8 @@ def run(
             # A signal during the last step changes nothing: the run completes normally.
             preempted = guard.requested if guard is not None and done < total else None
             if checkpointer is not None and (preempted or checkpointer.due(done)):
+                # As for evaluation: queued train steps finish first, outside the timed wait.
+                jax.block_until_ready(state)
                 t0 = time.perf_counter()
                 # Flush the metrics up to here first: a run killed after this checkpoint has
                 # them all on disk, and its resumed run logs the rest.
