@@ -7,12 +7,14 @@ are long computed, and (c) at evaluations.
 
 from __future__ import annotations
 
+import datetime as dt
 import time
 from dataclasses import dataclass
 from typing import Any
 
 import jax
 
+import accelctl
 from accelctl import data
 from accelctl.checkpoint import Checkpointer
 from accelctl.errors import NonFiniteLoss
@@ -63,10 +65,6 @@ def evaluate(
 
 def _meta(setup: Setup, step: int, eval_metrics: dict[str, float] | None) -> dict[str, Any]:
     """What a checkpoint records besides the state: enough to check and continue the run."""
-    import datetime as dt
-
-    import accelctl
-
     spe = setup.steps_per_epoch
     return {
         "step": step,
@@ -98,6 +96,38 @@ def _nonfinite(setup: Setup, state: TrainState, checkpointer: Checkpointer | Non
         f"(train.on_nan: stop; the update of that step was not applied). {good}. To skip such "
         "steps and go on instead, set train.on_nan: skip."
     )
+
+
+def _describe(
+    setup: Setup, state: TrainState, checkpointer: Checkpointer | None, done: int
+) -> dict[str, Any]:
+    """The summary fields that describe where the run ended and on what (no timings)."""
+    spe = setup.steps_per_epoch
+    last = checkpointer.last_saved if checkpointer is not None else None
+    return {
+        "steps": done,
+        "total_steps": setup.total_steps,
+        "epochs": done / spe,
+        "steps_per_epoch": spe,
+        "global_batch_size": setup.batch_size,
+        "devices": setup.mesh.devices.size,
+        "device_kind": setup.mesh.devices.flat[0].device_kind,
+        "platform": setup.mesh.devices.flat[0].platform,
+        "mesh": dict(setup.mesh.shape),
+        "processes": jax.process_count(),
+        "num_params": setup.num_params,
+        "params_sha256": digest(jax.device_get((state.params, state.model_state))),
+        "skipped_steps": int(jax.device_get(state.skipped)),
+        "data_cache": setup.cache_mode,
+        # Where the input pipeline stands: a resumed run starts its data here.
+        "data_position": data.DataPosition.at(
+            done, steps_per_epoch=spe, seed=setup.cfg.train.seed
+        ).to_dict(),
+        "checkpoint": str(checkpointer.path_of(last))
+        if checkpointer and last is not None
+        else None,
+        "best_checkpoint": checkpointer.best if checkpointer is not None else None,
+    }
 
 
 def run(
@@ -242,36 +272,14 @@ def run(
         else ((done - start_step) * batch / train_s)
     )
     setup.state = state
-    host_model = jax.device_get((state.params, state.model_state))
     return {
         "status": "preempted" if preempted else "completed",
         "signal": preempted,
         "final_eval": final_eval,
         "final_eval_step": eval_step if eval_step >= 0 else None,
-        "steps": done,
         "start_step": start_step,
-        "total_steps": total,
-        "epochs": done / spe,
-        "steps_per_epoch": spe,
-        "global_batch_size": batch,
         "train_samples_per_s": samples_per_s,
-        "devices": setup.mesh.devices.size,
-        "device_kind": setup.mesh.devices.flat[0].device_kind,
-        "platform": setup.mesh.devices.flat[0].platform,
-        "mesh": dict(setup.mesh.shape),
-        "processes": jax.process_count(),
-        "num_params": setup.num_params,
-        "params_sha256": digest(host_model),
-        "skipped_steps": int(jax.device_get(state.skipped)),
-        "data_cache": setup.cache_mode,
-        # Where the input pipeline stands: a resumed run starts its data here.
-        "data_position": data.DataPosition.at(done, steps_per_epoch=spe, seed=tc.seed).to_dict(),
-        "checkpoint": (
-            str(checkpointer.path_of(checkpointer.last_saved))
-            if checkpointer is not None and checkpointer.last_saved is not None
-            else None
-        ),
-        "best_checkpoint": checkpointer.best if checkpointer is not None else None,
+        **_describe(setup, state, checkpointer, done),
         "compile_time_s": setup.compile_time_s,
         "wall_time_s": end - wall0,
         "eval_time_s": eval_time,
