@@ -37,8 +37,11 @@ def train_command(
         bool, typer.Option("--debug", help="Show tracebacks for input errors too.")
     ] = False,
 ) -> None:
-    """Train a model as the config describes; writes config.yaml, metrics.jsonl, checkpoints/,
-    summary.json. Exit codes: 0 done, 2 bad input, 3 non-finite loss, 75 preempted (resume)."""
+    """Train a model as the config describes (or continue a run with --resume).
+
+    Writes config.yaml, metrics.jsonl, checkpoints/ and summary.json into the run directory.
+    Exit codes: 0 done, 2 bad input, 3 non-finite loss, 75 preempted (checkpoint written; resume).
+    """
 
     def go() -> dict:
         from accelctl import config as config_mod
