@@ -1,4 +1,4 @@
-"""Device and machine discovery shared by benchmarks and reports."""
+"""Device and machine discovery shared by benchmarks and reports; peak FLOP/s per device kind."""
 
 from __future__ import annotations
 
@@ -27,3 +27,46 @@ def describe_machine() -> str:
         f"{cpu_model()}, {os.cpu_count()} cores visible; jax {jax.__version__}, "
         f"{len(devs)} x {devs[0].device_kind} ({devs[0].platform})"
     )
+
+
+# Dense peak FLOP/s per device (no structured sparsity), from the vendors' datasheets. "fp32"
+# is the TF32 tensor-core rate on NVIDIA GPUs from Ampere on, because XLA's default matmul
+# precision lets float32 matmuls use TF32 there; V100 has no TF32 (plain FP32). Matched in
+# order, by substring of `device.device_kind`, case-insensitive.
+PEAK_FLOPS: tuple[tuple[str, dict[str, float]], ...] = (
+    ("h100 pcie", {"bf16": 756e12, "fp16": 756e12, "fp32": 378e12}),
+    ("h100 nvl", {"bf16": 835.5e12, "fp16": 835.5e12, "fp32": 417.5e12}),
+    ("h100", {"bf16": 989.4e12, "fp16": 989.4e12, "fp32": 494.7e12}),  # SXM (HBM3)
+    ("h200", {"bf16": 989.4e12, "fp16": 989.4e12, "fp32": 494.7e12}),
+    ("a100", {"bf16": 312e12, "fp16": 312e12, "fp32": 156e12}),
+    ("l40s", {"bf16": 362.05e12, "fp16": 362.05e12, "fp32": 183e12}),
+    ("l40", {}),  # L40 (not S): no number recorded here
+    ("l4", {"bf16": 121e12, "fp16": 121e12, "fp32": 60e12}),
+    ("a10g", {}),  # AWS's A10G differs from the A10: no number recorded here
+    ("a10", {"bf16": 125e12, "fp16": 125e12, "fp32": 62.5e12}),
+    ("v100", {"fp16": 125e12, "fp32": 15.7e12}),
+    ("tpu v4", {"bf16": 275e12}),
+    ("tpu v5 lite", {"bf16": 197e12}),
+    ("tpu v5e", {"bf16": 197e12}),
+    ("tpu v5p", {"bf16": 459e12}),
+    ("tpu v6", {"bf16": 918e12}),
+)
+
+
+def peak_flops(device_kind: str, dtype: str) -> float | None:
+    """Dense peak FLOP/s of one device of `device_kind` in `dtype`, or None when unknown
+    (every CPU: there is no honest single number for it)."""
+    kind = device_kind.lower()
+    for pattern, peaks in PEAK_FLOPS:
+        if pattern in kind:
+            return peaks.get(dtype)
+    return None
+
+
+def memory_limit(device: object) -> int | None:
+    """Bytes of memory a device offers to XLA (`memory_stats()["bytes_limit"]`), None on CPU."""
+    try:
+        stats = device.memory_stats()  # type: ignore[attr-defined]
+    except Exception:  # noqa: BLE001 - backends without memory stats
+        return None
+    return int(stats["bytes_limit"]) if stats and "bytes_limit" in stats else None

@@ -7,6 +7,7 @@ from typing import Annotated
 import typer
 
 from accelctl import __version__
+from accelctl.cli.bench import bench_command
 from accelctl.cli.data import app as data_app
 from accelctl.cli.eval import eval_command
 from accelctl.cli.train import train_command
@@ -40,6 +41,7 @@ def _root(
 
 app.command("train")(train_command)
 app.command("eval")(eval_command)
+app.command("bench")(bench_command)
 app.add_typer(data_app, name="data")
 
 

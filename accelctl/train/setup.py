@@ -57,6 +57,8 @@ class Setup:
     cache_reason: str
     device_cache: dict[str, jax.Array] | None = None
     traces: dict[str, int] = field(default_factory=dict)
+    train_jit: Any = None  # the jitted (not compiled) train step, to lower for other shapes
+    abstract_feed: Any = None  # what train_step was compiled for (ShapeDtypeStructs)
 
     def make_feed(self, start_step: int, num_steps: int) -> AbstractContextManager[Iterator[Any]]:
         """Return the iterator of train-step inputs for steps [start_step, num_steps).
@@ -273,4 +275,6 @@ def make_setup(cfg: Config, *, compile_train: bool = True) -> Setup:
         cache_reason=cache_reason,
         device_cache=device_cache,
         traces=traces,
+        train_jit=train_jit,
+        abstract_feed=abstract_feed,
     )

@@ -1,0 +1,398 @@
+"""The timing harness behind `accelctl bench`: honest numbers for one training step.
+
+For each workload (a config, at each batch size and precision asked for) it measures, in this
+order and in one process:
+- compile time of the train step, cold (a fresh persistent-cache folder) and warm (in-memory
+  caches cleared, the executable loaded from that folder);
+- the bare jitted step on one device-resident batch: per-step times with `block_until_ready`
+  before the clock stops (median, p90), and the pipelined rate of many steps with one sync;
+- FLOPs per step from XLA's cost analysis, achieved FLOP/s and MFU against `devices.peak_flops`
+  (None where no peak is known, e.g. on CPU);
+- device memory from the compiled step's memory analysis;
+- host-to-device bandwidth of the workload's batch;
+- the real training loop (prefetch thread, host-fed batches) over the same number of steps:
+  its samples/s, input-wait fraction, and its throughput relative to the bare step.
+"""
+
+from __future__ import annotations
+
+import statistics
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import yaml
+
+from accelctl import config as config_mod
+from accelctl.config import Config
+from accelctl.errors import UserError
+
+SCHEMA = "accelctl.bench/1"
+LOOP_SECONDS = 2.0
+ROOT = Path(__file__).resolve().parents[1]
+# The built-in suite: shipped configs, their tfds data swapped for synthetic data of the same
+# shape (so it runs offline and measures the step, not a data set).
+BUILTIN = {
+    "mnist_mlp": ("mnist_mlp.yaml", [28, 28, 1]),
+    "mnist_cnn": ("mnist_cnn.yaml", [28, 28, 1]),
+    "cifar10_resnet": ("cifar10_resnet.yaml", [32, 32, 3]),
+}
+
+
+def builtin_config(name: str, *, num_train: int = 60000, dtype: str = "uint8") -> dict[str, Any]:
+    """A built-in workload's config as a dict: the shipped config with synthetic data.
+
+    Args:
+        name: a key of BUILTIN.
+        num_train: synthetic training examples (the real set's size by default).
+        dtype: uint8 (as tfds images arrive) or float32.
+    """
+    file, shape = BUILTIN[name]
+    cfg = yaml.safe_load((ROOT / "configs" / file).read_text())
+    kept = {k: v for k, v in cfg["data"].items() if k in ("augment", "mean", "std", "prefetch")}
+    cfg["data"] = {
+        "source": "synthetic",
+        "shape": shape,
+        "num_classes": 10,
+        "num_train": num_train,
+        "num_eval": 512,
+        "dtype": dtype,
+        **kept,
+    }
+    return cfg
+
+
+def _workload_config(
+    base: dict[str, Any], *, batch: int | None, precision: str, steps: int
+) -> Config:
+    cfg = dict(base)
+    train = {k: v for k, v in cfg.get("train", {}).items() if k not in ("epochs", "eval_every")}
+    if batch is not None:
+        train["batch_size"] = batch
+    # One evaluation at the end (excluded from the loop's rate) and one log read per interval.
+    train.update(steps=steps, eval_every=steps, log_every=max(steps // 4, 1))
+    cfg["train"] = train
+    cfg["precision"] = {**cfg.get("precision", {}), "compute": precision}
+    cfg["checkpoint"] = {"enabled": False}
+    data = dict(cfg["data"])
+    if data.get("source") == "synthetic":
+        # Enough examples for the steps without repeating an epoch too often; small to set up.
+        data["num_train"] = min(
+            int(data.get("num_train", 60000)), max(train.get("batch_size", 128) * 16, 1024)
+        )
+    data["cache"] = "host"  # the loop measurement is the host-fed pipeline
+    cfg["data"] = data
+    return config_mod.load_text(yaml.safe_dump(cfg), "<bench>")
+
+
+def _percentile(values: list[float], q: float) -> float:
+    return float(np.percentile(np.asarray(values), q))
+
+
+def _time_compile(setup: Any) -> float:
+    """Warm compile: drop the in-memory executables, lower again, load from the disk cache."""
+    import jax
+
+    jax.clear_caches()
+    t0 = time.perf_counter()
+    setup.train_jit.lower(setup.state, setup.abstract_feed).compile()
+    return time.perf_counter() - t0
+
+
+def _long_enough(steps: int, step_s: float) -> int:
+    """At least `steps`, and enough steps of `step_s` to last about LOOP_SECONDS."""
+    return int(min(max(steps, LOOP_SECONDS / max(step_s, 1e-6)), 20000))
+
+
+def _bare_step(setup: Any, batch: Any, *, steps: int, warmup: int) -> dict[str, float]:
+    import jax
+
+    state = setup.state
+    for _ in range(warmup):
+        state, _ = setup.train_step(state, batch)
+    jax.block_until_ready(state)
+    times = []
+    for _ in range(steps):
+        t0 = time.perf_counter()
+        state, _ = setup.train_step(state, batch)
+        jax.block_until_ready(state)
+        times.append(time.perf_counter() - t0)
+    # Dispatched back to back with one sync at the end, in three windows of together about
+    # LOOP_SECONDS (median of the three): the rate the training loop can at best reach.
+    n = _long_enough(steps, statistics.median(times))
+    windows = []
+    for _ in range(3):
+        t0 = time.perf_counter()
+        for _ in range(max(n // 3, 1)):
+            state, _ = setup.train_step(state, batch)
+        jax.block_until_ready(state)
+        windows.append((time.perf_counter() - t0) / max(n // 3, 1))
+    pipelined = statistics.median(windows)
+    setup.state = state
+    return {
+        "median": statistics.median(times),
+        "p90": _percentile(times, 90),
+        "min": min(times),
+        "mean": statistics.fmean(times),
+        "pipelined": pipelined,
+        "pipelined_steps": n,
+    }
+
+
+def _h2d(setup: Any, host_batch: dict[str, np.ndarray], repeats: int = 10) -> dict[str, float]:
+    import jax
+
+    nbytes = sum(int(v.nbytes) for v in host_batch.values())
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        jax.block_until_ready(setup.put_fn(host_batch))
+        times.append(time.perf_counter() - t0)
+    return {"bytes": nbytes, "bytes_per_s": nbytes / statistics.median(times)}
+
+
+def _memory(compiled: Any, device: Any) -> dict[str, int | None]:
+    from accelctl.devices import memory_limit
+
+    ma = compiled.memory_analysis()
+    total = (
+        ma.argument_size_in_bytes
+        + ma.output_size_in_bytes
+        - ma.alias_size_in_bytes
+        + ma.temp_size_in_bytes
+        + ma.generated_code_size_in_bytes
+    )
+    return {
+        "argument_bytes": int(ma.argument_size_in_bytes),
+        "output_bytes": int(ma.output_size_in_bytes),
+        "alias_bytes": int(ma.alias_size_in_bytes),
+        "temp_bytes": int(ma.temp_size_in_bytes),
+        "total_bytes": int(total),
+        "device_limit_bytes": memory_limit(device),
+    }
+
+
+def bench_workload(name: str, cfg: Config, *, steps: int, warmup: int) -> dict[str, Any]:
+    """Measure one workload (see the module docstring). Returns one result row of the schema."""
+
+    from accelctl import data
+    from accelctl.devices import peak_flops
+    from accelctl.metrics import NullWriter
+    from accelctl.train.loop import run
+    from accelctl.train.setup import make_setup
+
+    setup = make_setup(cfg)  # compiles the train step: the cold compile (fresh cache folder)
+    cold = setup.compile_time_s
+    warm = _time_compile(setup)
+    host_batch = next(
+        data.train_batches(setup.dataset.train, setup.batch_size, seed=0, start_step=0, num_steps=1)
+    )
+    batch = setup.put_fn(host_batch)
+    bare = _bare_step(setup, batch, steps=steps, warmup=warmup)
+    devices = int(setup.mesh.devices.size)
+    device = setup.mesh.devices.flat[0]
+    per_device = float((setup.train_step.cost_analysis() or {}).get("flops", 0.0))
+    flops = per_device * devices  # the partitioned program's count, times its copies
+    flops_per_s = flops / bare["median"] if flops else None
+    peak = peak_flops(device.device_kind, cfg.precision.compute)
+    h2d = _h2d(setup, host_batch)
+
+    # The real loop on a fresh state (prefetch thread, host batches, metric reads), for at
+    # least the timed steps and about LOOP_SECONDS, so tiny steps are not timed over a blink.
+    n = warmup + bare["pipelined_steps"]
+    d = cfg.to_dict()
+    d["train"] = {**d["train"], "steps": n, "eval_every": n, "log_every": max(n // 4, 1)}
+    summary = run(make_setup(config_mod.load_text(yaml.safe_dump(d), "<bench>")), NullWriter())
+    bare_rate = setup.batch_size / bare["pipelined"]
+    return {
+        "workload": name,
+        "batch_size": setup.batch_size,
+        "precision": cfg.precision.compute,
+        "devices": devices,
+        "device_kind": device.device_kind,
+        "platform": device.platform,
+        "num_params": setup.num_params,
+        "steps": steps,
+        "warmup": warmup,
+        "compile_s": {"cold": cold, "warm": warm},
+        "step_time_s": {k: bare[k] for k in ("median", "p90", "min", "mean")},
+        "samples_per_s": setup.batch_size / bare["median"],
+        "pipelined_samples_per_s": bare_rate,
+        "flops_per_step": flops or None,
+        "flops_per_s": flops_per_s,
+        "peak_flops_per_s": peak * devices if peak else None,
+        "mfu": flops_per_s / (peak * devices) if (peak and flops_per_s) else None,
+        "memory": _memory(setup.train_step, device),
+        "h2d": h2d,
+        "loop": {
+            "steps": n,
+            "samples_per_s": summary["train_samples_per_s"],
+            "input_wait_fraction": summary["steady_input_wait_fraction"],
+            "vs_bare_step": summary["train_samples_per_s"] / bare_rate,
+        },
+    }
+
+
+def _fits(setup: Any, batch: int, limit: int) -> tuple[bool, int]:
+    """Compile the train step for `batch` from abstract shapes; (fits, bytes per device)."""
+    import jax
+
+    from accelctl import parallel
+
+    sh = parallel.batch_sharding(setup.mesh)
+    feed = {
+        "x": jax.ShapeDtypeStruct(
+            (batch, *setup.dataset.input_shape), setup.dataset.train.x_dtype, sharding=sh
+        ),
+        "y": jax.ShapeDtypeStruct((batch,), np.int32, sharding=sh),
+    }
+    compiled = setup.train_jit.lower(setup.state, feed).compile()
+    need = _memory(compiled, None)["total_bytes"] or 0
+    return need <= limit, int(need)
+
+
+def find_max_batch(
+    cfg: Config, *, memory_limit: int | None = None, max_batch: int = 1 << 20
+) -> dict[str, Any]:
+    """The largest global batch whose train step fits each device's memory.
+
+    Every probe compiles the step ahead of time for abstract inputs and reads the compiled
+    memory analysis: nothing is allocated and no out-of-memory error is provoked. The batch
+    doubles (in multiples of the data-axis size) until it no longer fits, then a binary
+    search finds the largest that does.
+
+    Args:
+        cfg: the workload (its batch size is only where the search starts from).
+        memory_limit: bytes per device; default: the device's own limit (GPU/TPU).
+        max_batch: stop doubling here.
+    Returns:
+        {"max_batch_size", "bytes_per_device", "memory_limit_bytes", "probes": [{batch, bytes,
+        fits}]}.
+    Raises:
+        UserError: no limit known (CPU) and none given; not even the smallest batch fits.
+    """
+    from accelctl.devices import memory_limit as device_limit
+    from accelctl.train.setup import make_setup
+
+    setup = make_setup(cfg, compile_train=False)
+    unit = setup.mesh.shape["data"]
+    limit = memory_limit or device_limit(setup.mesh.devices.flat[0])
+    if limit is None:
+        raise UserError(
+            "--find-max-batch: this device reports no memory limit (the CPU backend never "
+            "does); give one with --memory-limit BYTES (e.g. 8e9)"
+        )
+    probes: list[dict[str, Any]] = []
+
+    def probe(batch: int) -> bool:
+        ok, need = _fits(setup, batch, limit)
+        probes.append({"batch_size": batch, "bytes": need, "fits": ok})
+        return ok
+
+    lo, hi = 0, None  # lo fits (0 = none yet), hi does not
+    batch = unit
+    while batch <= max_batch:
+        if probe(batch):
+            lo, batch = batch, batch * 2
+        else:
+            hi = batch
+            break
+    if lo == 0:
+        raise UserError(
+            f"--find-max-batch: even a batch of {unit} needs {probes[0]['bytes']:,} bytes per "
+            f"device, more than the {limit:,} available"
+        )
+    if hi is not None:
+        while hi - lo > unit:
+            mid = (lo + hi) // 2 // unit * unit
+            if probe(mid):
+                lo = mid
+            else:
+                hi = mid
+    best = next(p for p in probes if p["batch_size"] == lo)
+    return {
+        "max_batch_size": lo,
+        "bytes_per_device": best["bytes"],
+        "memory_limit_bytes": limit,
+        "data_axis": unit,
+        "probes": probes,
+    }
+
+
+def compare(
+    results: list[dict[str, Any]], baseline: dict[str, Any], tolerance_pct: float
+) -> list[dict[str, Any]]:
+    """Rows whose samples/s fell more than `tolerance_pct` below the baseline's same row.
+
+    Rows match on (workload, batch_size, precision, devices); rows without a match are skipped.
+    """
+
+    def key(r: dict[str, Any]) -> tuple:
+        return (r["workload"], r["batch_size"], r["precision"], r["devices"])
+
+    before = {key(r): r for r in baseline.get("results", [])}
+    out = []
+    for r in results:
+        b = before.get(key(r))
+        if b is None:
+            continue
+        ratio = r["samples_per_s"] / b["samples_per_s"]
+        out.append(
+            {
+                "workload": r["workload"],
+                "batch_size": r["batch_size"],
+                "precision": r["precision"],
+                "samples_per_s": r["samples_per_s"],
+                "baseline_samples_per_s": b["samples_per_s"],
+                "ratio": ratio,
+                "regressed": ratio < 1.0 - tolerance_pct / 100.0,
+            }
+        )
+    return out
+
+
+def run_bench(
+    workloads: list[tuple[str, dict[str, Any]]],
+    *,
+    batch_sizes: list[int] | None = None,
+    precisions: list[str] | None = None,
+    steps: int = 50,
+    warmup: int = 5,
+    progress_fn: Any = None,
+) -> dict[str, Any]:
+    """Benchmark every workload at every batch size and precision (the `bench` command).
+
+    Args:
+        workloads: (name, config dict) pairs; see `builtin_config`.
+        batch_sizes: global batch sizes; None = each config's own.
+        precisions: compute dtypes; None = ["fp32"].
+        steps, warmup: timed steps and untimed warm-up steps.
+        progress_fn: called with a line of text before each measurement.
+    Returns:
+        {"schema", "machine", "compile_cache", "results": [row, ...]}.
+    """
+    import jax
+
+    from accelctl import compile_cache
+    from accelctl.devices import describe_machine
+
+    # A fresh cache folder: the first compile of each step is cold, the second one warm.
+    cache_dir = Path(tempfile.mkdtemp(prefix="accelctl-bench-cache-"))
+    compile_cache.enable(cache_dir)
+    rows = []
+    for name, base in workloads:
+        for batch in batch_sizes or [None]:
+            for precision in precisions or ["fp32"]:
+                cfg = _workload_config(base, batch=batch, precision=precision, steps=warmup + steps)
+                if progress_fn:
+                    progress_fn(f"{name}: batch {cfg.train.batch_size}, {precision}")
+                rows.append(bench_workload(name, cfg, steps=steps, warmup=warmup))
+    return {
+        "schema": SCHEMA,
+        "machine": describe_machine(),
+        "jax_version": jax.__version__,
+        "compile_cache": str(cache_dir),
+        "results": rows,
+    }

@@ -1,0 +1,195 @@
+"""`accelctl bench [CONFIG ...]`: measured step time, compile time, throughput, MFU, memory."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from accelctl.cli.common import run_guarded, write_json
+from accelctl.errors import UserError
+
+EXIT_REGRESSION = 4
+
+
+def bench_command(
+    configs: Annotated[
+        list[Path] | None,
+        typer.Argument(help="Config files; none = the built-in suite (MLP, CNN, ResNet-20)."),
+    ] = None,
+    batch_size: Annotated[
+        list[int] | None,
+        typer.Option("--batch-size", help="Global batch size (repeatable); default: the config's."),
+    ] = None,
+    precision: Annotated[
+        list[str] | None, typer.Option("--precision", help="Compute dtype (repeatable): fp32.")
+    ] = None,
+    steps: Annotated[int, typer.Option("--steps", min=2, help="Timed steps.")] = 50,
+    warmup: Annotated[int, typer.Option("--warmup", min=0, help="Untimed warm-up steps.")] = 5,
+    find_max_batch: Annotated[
+        bool,
+        typer.Option(
+            "--find-max-batch",
+            help="Instead of timing: the largest batch whose step fits device memory (from "
+            "compiled memory analysis; nothing is allocated).",
+        ),
+    ] = False,
+    memory_limit: Annotated[
+        float | None,
+        typer.Option(
+            "--memory-limit", help="Bytes per device for --find-max-batch (CPU needs it)."
+        ),
+    ] = None,
+    baseline: Annotated[
+        Path | None,
+        typer.Option("--baseline", help="A previous --json result: exit 4 on a regression."),
+    ] = None,
+    tolerance: Annotated[
+        float, typer.Option("--tolerance", min=0, help="Allowed samples/s drop in percent.")
+    ] = 5.0,
+    json_out: Annotated[
+        str | None,
+        typer.Option("--json", help="Also write the result as JSON to PATH ('-' for stdout)."),
+    ] = None,
+    debug: Annotated[
+        bool, typer.Option("--debug", help="Show tracebacks for input errors too.")
+    ] = False,
+) -> None:
+    """Benchmark the training step of each config (or the built-in suite) on these devices."""
+
+    def go() -> dict[str, Any]:
+        from accelctl import bench
+
+        workloads = _workloads(configs or [])
+        for p in precision or []:
+            if p != "fp32":
+                raise UserError(f"--precision {p}: only fp32 exists so far")
+        if find_max_batch:
+            from accelctl import config as config_mod
+
+            results = []
+            for name, base in workloads:
+                cfg = config_mod.load_text(bench.yaml.safe_dump(base), name)
+                results.append(
+                    {
+                        "workload": name,
+                        **bench.find_max_batch(
+                            cfg, memory_limit=int(memory_limit) if memory_limit else None
+                        ),
+                    }
+                )
+            return {"schema": bench.SCHEMA, "find_max_batch": results}
+        prior = _load_baseline(baseline) if baseline else None
+        result = bench.run_bench(
+            workloads,
+            batch_sizes=batch_size,
+            precisions=precision,
+            steps=steps,
+            warmup=warmup,
+            progress_fn=lambda line: print(f"bench {line}", file=sys.stderr, flush=True),
+        )
+        if prior is not None:
+            result["baseline"] = {
+                "path": str(baseline),
+                "tolerance_pct": tolerance,
+                "rows": bench.compare(result["results"], prior, tolerance),
+            }
+        return result
+
+    result = run_guarded(go, debug=debug)
+    if not write_json(result, json_out):
+        _render(result)
+    rows = result.get("baseline", {}).get("rows", [])
+    regressed = [r for r in rows if r["regressed"]]
+    for r in regressed:
+        print(
+            f"regression: {r['workload']} batch {r['batch_size']} {r['precision']}: "
+            f"{r['samples_per_s']:.0f} samples/s vs {r['baseline_samples_per_s']:.0f} in the "
+            f"baseline ({r['ratio']:.1%}, tolerance {tolerance}%)",
+            file=sys.stderr,
+        )
+    if regressed:
+        raise typer.Exit(EXIT_REGRESSION)
+
+
+def _workloads(paths: list[Path]) -> list[tuple[str, dict[str, Any]]]:
+    from accelctl import bench
+    from accelctl import config as config_mod
+
+    if not paths:
+        return [(name, bench.builtin_config(name)) for name in bench.BUILTIN]
+    out = []
+    for path in paths:
+        cfg = config_mod.load(path)  # validated (and located errors) before anything runs
+        out.append((path.stem, cfg.to_dict()))
+    return out
+
+
+def _load_baseline(path: Path) -> dict[str, Any]:
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise UserError(f"--baseline {path}: cannot read it as JSON ({e})") from None
+    if not isinstance(data, dict) or not isinstance(data.get("results"), list):
+        raise UserError(
+            f"--baseline {path}: not an `accelctl bench --json` result (no 'results' list)"
+        )
+    return data
+
+
+def _render(result: dict[str, Any]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    # Wide enough for every column even when not on a terminal (which Rich takes as 80 wide).
+    console = Console(width=max(Console().width, 160))
+    if "find_max_batch" in result:
+        table = Table(title="accelctl bench --find-max-batch")
+        for col in ("workload", "max batch", "bytes/device", "limit"):
+            table.add_column(col)
+        for r in result["find_max_batch"]:
+            table.add_row(
+                r["workload"],
+                str(r["max_batch_size"]),
+                f"{r['bytes_per_device'] / 1e6:.1f} MB",
+                f"{r['memory_limit_bytes'] / 1e6:.1f} MB",
+            )
+        console.print(table)
+        return
+    table = Table(title=f"accelctl bench — {result['machine']}")
+    cols = (
+        "workload",
+        "batch",
+        "dtype",
+        "compile cold/warm s",
+        "step ms (p50/p90)",
+        "samples/s",
+        "TFLOP/s",
+        "MFU",
+        "memory MB",
+        "H2D GB/s",
+        "loop/bare",
+        "input wait",
+    )
+    for col in cols:
+        table.add_column(col, justify="left" if col == "workload" else "right")
+    for r in result["results"]:
+        st, mem = r["step_time_s"], r["memory"]
+        table.add_row(
+            r["workload"],
+            str(r["batch_size"]),
+            r["precision"],
+            f"{r['compile_s']['cold']:.2f}/{r['compile_s']['warm']:.2f}",
+            f"{st['median'] * 1e3:.2f}/{st['p90'] * 1e3:.2f}",
+            f"{r['samples_per_s']:.0f}",
+            f"{r['flops_per_s'] / 1e12:.3f}" if r["flops_per_s"] else "n/a",
+            f"{r['mfu']:.1%}" if r["mfu"] is not None else "n/a",
+            f"{mem['total_bytes'] / 1e6:.1f}",
+            f"{r['h2d']['bytes_per_s'] / 1e9:.2f}",
+            f"{r['loop']['vs_bare_step']:.2f}",
+            f"{r['loop']['input_wait_fraction']:.1%}",
+        )
+    console.print(table)
