@@ -19,6 +19,7 @@ from __future__ import annotations
 import statistics
 import tempfile
 import time
+from collections import deque
 from pathlib import Path
 from typing import Any
 
@@ -109,6 +110,8 @@ def _long_enough(steps: int, step_s: float) -> int:
 def _bare_step(setup: Any, batch: Any, *, steps: int, warmup: int) -> dict[str, float]:
     import jax
 
+    from accelctl.train.loop import bound_in_flight
+
     state = setup.state
     for _ in range(warmup):
         state, _ = setup.train_step(state, batch)
@@ -124,9 +127,11 @@ def _bare_step(setup: Any, batch: Any, *, steps: int, warmup: int) -> dict[str, 
     n = _long_enough(steps, statistics.median(times))
     windows = []
     for _ in range(3):
+        in_flight: deque[Any] = deque()
         t0 = time.perf_counter()
         for _ in range(max(n // 3, 1)):
-            state, _ = setup.train_step(state, batch)
+            state, out = setup.train_step(state, batch)
+            bound_in_flight(in_flight, out)  # as the training loop does
         jax.block_until_ready(state)
         windows.append((time.perf_counter() - t0) / max(n // 3, 1))
     pipelined = statistics.median(windows)
@@ -264,7 +269,8 @@ def find_max_batch(
     search finds the largest that does.
 
     Args:
-        cfg: the workload (its batch size is only where the search starts from).
+        cfg: the workload (its batch size is ignored: the search starts at the data-axis
+            size).
         memory_limit: bytes per device; default: the device's own limit (GPU/TPU).
         max_batch: stop doubling here.
     Returns:
@@ -276,9 +282,13 @@ def find_max_batch(
     from accelctl.devices import memory_limit as device_limit
     from accelctl.train.setup import make_setup
 
-    setup = make_setup(cfg, compile_train=False)
+    # Host-fed: the probes lower the step for plain (batch, ...) inputs, and the search is about
+    # the step's own memory (a device-cached split would add its size at every batch).
+    d = cfg.to_dict()
+    d["data"] = {**d["data"], "cache": "host"}
+    setup = make_setup(config_mod.load_text(yaml.safe_dump(d), "<bench>"), compile_train=False)
     unit = setup.mesh.shape["data"]
-    limit = memory_limit or device_limit(setup.mesh.devices.flat[0])
+    limit = memory_limit if memory_limit is not None else device_limit(setup.mesh.devices.flat[0])
     if limit is None:
         raise UserError(
             "--find-max-batch: this device reports no memory limit (the CPU backend never "

@@ -28,8 +28,8 @@ def default_dir() -> Path | None:
 def enable(directory: Path | None = None) -> Path | None:
     """Point JAX's persistent compilation cache at `directory` (default: `default_dir()`).
 
-    Call before the first compilation of the process. Returns the folder in use, or None when
-    the cache is off.
+    Later compilations use the new folder (also after earlier ones in this process). Returns
+    the folder in use, or None when the cache is off.
     """
     import jax
 
@@ -37,6 +37,10 @@ def enable(directory: Path | None = None) -> Path | None:
     if directory is None:
         return None
     directory.mkdir(parents=True, exist_ok=True)
+    from jax.experimental.compilation_cache import compilation_cache as cc
+
+    # JAX opens its cache once per process; a new folder needs that cache dropped first.
+    cc.reset_cache()
     jax.config.update("jax_compilation_cache_dir", str(directory))
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
     jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)

@@ -49,6 +49,7 @@ PEAK_FLOPS: tuple[tuple[str, dict[str, float]], ...] = (
     ("tpu v5 lite", {"bf16": 197e12}),
     ("tpu v5e", {"bf16": 197e12}),
     ("tpu v5p", {"bf16": 459e12}),
+    ("tpu v5", {"bf16": 459e12}),  # v5p reports itself as "TPU v5"
     ("tpu v6", {"bf16": 918e12}),
 )
 

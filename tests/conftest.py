@@ -8,6 +8,11 @@ os.environ["XLA_FLAGS"] = (
     os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
 ).strip()
 os.environ["JAX_PLATFORMS"] = "cpu"
+# Commands enable JAX's persistent compilation cache; keep the tests' entries out of ~/.cache.
+os.environ.setdefault(
+    "ACCELCTL_COMPILE_CACHE",
+    os.path.join(__import__("tempfile").mkdtemp(prefix="accelctl-test-cache-"), "jax"),
+)
 
 from collections.abc import Sequence  # noqa: E402
 

@@ -123,3 +123,43 @@ def test_digits_mlp_learns(tiny_config, tmp_path):
     )
     summary = train(cfg, run_dir=tmp_path, quiet=True)
     assert summary["final_eval"]["accuracy"] > 0.85
+
+
+def test_bound_in_flight_waits_for_the_oldest_output():
+    from collections import deque
+
+    import jax.numpy as jnp
+
+    from accelctl.train.loop import bound_in_flight
+
+    queue: deque = deque()
+    for i in range(10):
+        bound_in_flight(queue, jnp.asarray(i), limit=3)
+        assert len(queue) == min(i + 1, 3)
+    assert [int(x) for x in queue] == [7, 8, 9]
+
+
+def test_long_run_on_eight_cpu_devices_does_not_deadlock(tmp_path):
+    # Unbounded async dispatch makes XLA:CPU with 8 fake devices abort in the all-reduce
+    # rendezvous after a few hundred queued steps on a 2-core machine; the loop bounds it.
+    # In a subprocess, so a regression fails this test instead of aborting the session.
+    import subprocess
+    import sys
+
+    code = (
+        "from accelctl import config; from accelctl.metrics import NullWriter; "
+        "from accelctl.train.loop import run; from accelctl.train.setup import make_setup; "
+        "from tests.conftest import TINY; "
+        "cfg = config.load_text(TINY, 't', ['train.steps=1500', 'data.cache=host', "
+        "'train.eval_every=1500', 'train.log_every=1500', 'checkpoint.enabled=false']); "
+        "print(run(make_setup(cfg), NullWriter())['steps'])"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=str(__import__("pathlib").Path(__file__).resolve().parents[1]),
+    )
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip().endswith("1500")

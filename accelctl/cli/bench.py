@@ -77,7 +77,8 @@ def bench_command(
                     {
                         "workload": name,
                         **bench.find_max_batch(
-                            cfg, memory_limit=int(memory_limit) if memory_limit else None
+                            cfg,
+                            memory_limit=int(memory_limit) if memory_limit is not None else None,
                         ),
                     }
                 )
@@ -137,6 +138,18 @@ def _load_baseline(path: Path) -> dict[str, Any]:
         raise UserError(
             f"--baseline {path}: not an `accelctl bench --json` result (no 'results' list)"
         )
+    keys = ("workload", "batch_size", "precision", "devices", "samples_per_s")
+    for i, row in enumerate(data["results"]):
+        missing = [k for k in keys if not isinstance(row, dict) or k not in row]
+        if not missing and not (
+            isinstance(row["samples_per_s"], int | float) and row["samples_per_s"] > 0
+        ):
+            missing = ["a positive samples_per_s"]
+        if missing:
+            raise UserError(
+                f"--baseline {path}: results[{i}] lacks {', '.join(missing)}; use a file "
+                "written by `accelctl bench --json`"
+            )
     return data
 
 

@@ -38,8 +38,11 @@ def eval_command(
     """Evaluate a checkpoint on the eval split and print loss and accuracy."""
 
     def go() -> dict[str, Any]:
+        from accelctl import compile_cache
         from accelctl import config as config_mod
         from accelctl.train.checkpoint_eval import evaluate_checkpoint
+
+        compile_cache.enable()
 
         if config is None:
             return evaluate_checkpoint(checkpoint, None, set_ or [])

@@ -44,8 +44,11 @@ def train_command(
     """
 
     def go() -> dict:
+        from accelctl import compile_cache
         from accelctl import config as config_mod
         from accelctl.train import default_run_dir, train
+
+        compile_cache.enable()
 
         cfg = config_mod.load(config, set_ or [])
         if resume and run_dir is None:

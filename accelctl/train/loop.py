@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import datetime as dt
 import time
+from collections import deque
 from dataclasses import dataclass
 from typing import Any
 
@@ -61,6 +62,20 @@ def evaluate(
     host = jax.device_get(sums)
     loss, acc = _rates(host)
     return state, {"loss": loss, "accuracy": acc, "count": int(host["count"])}
+
+
+# Steps the host may dispatch ahead of the device. Far more than needed to hide the host's
+# work; unbounded, XLA:CPU with several (fake) devices deadlocks in the step's all-reduce
+# rendezvous once a few hundred steps are queued on a small machine.
+MAX_IN_FLIGHT = 16
+
+
+def bound_in_flight(queue: deque[Any], out: Any, limit: int | None = None) -> None:
+    """Record a step's (non-donated) output; wait for the oldest once more than `limit`
+    (default MAX_IN_FLIGHT) are queued."""
+    queue.append(out)
+    if len(queue) > (limit or MAX_IN_FLIGHT):
+        jax.block_until_ready(queue.popleft())
 
 
 def _meta(setup: Setup, step: int, eval_metrics: dict[str, float] | None) -> dict[str, Any]:
@@ -190,10 +205,12 @@ def run(
         )
 
     done = start_step
+    in_flight: deque[Any] = deque()
     with setup.make_feed(start_step, total) as batches:
         for step in range(start_step, total):
-            state, _ = setup.train_step(state, next(batches))
+            state, out = setup.train_step(state, next(batches))
             done = step + 1
+            bound_in_flight(in_flight, out)
             if steady_t0 is None:
                 # One sync after the first step: throughput is measured from here on.
                 jax.block_until_ready(state.step)
