@@ -65,6 +65,14 @@ def builtin_config(name: str, *, num_train: int = 60000, dtype: str = "uint8") -
     return cfg
 
 
+def _override(cfg: Config, **sections: dict[str, Any]) -> Config:
+    """`cfg` with fields of some sections replaced, validated again."""
+    d = cfg.to_dict()
+    for name, fields in sections.items():
+        d[name] = {**d[name], **fields}
+    return config_mod.load_text(yaml.safe_dump(d), "<bench>")
+
+
 def _workload_config(
     base: dict[str, Any], *, batch: int | None, precision: str, steps: int
 ) -> Config:
@@ -207,9 +215,8 @@ def bench_workload(name: str, cfg: Config, *, steps: int, warmup: int) -> dict[s
     # The real loop on a fresh state (prefetch thread, host batches, metric reads), for at
     # least the timed steps and about LOOP_SECONDS, so tiny steps are not timed over a blink.
     n = warmup + bare["pipelined_steps"]
-    d = cfg.to_dict()
-    d["train"] = {**d["train"], "steps": n, "eval_every": n, "log_every": max(n // 4, 1)}
-    summary = run(make_setup(config_mod.load_text(yaml.safe_dump(d), "<bench>")), NullWriter())
+    loop_cfg = _override(cfg, train={"steps": n, "eval_every": n, "log_every": max(n // 4, 1)})
+    summary = run(make_setup(loop_cfg), NullWriter())
     bare_rate = setup.batch_size / bare["pipelined"]
     return {
         "workload": name,
@@ -284,9 +291,7 @@ def find_max_batch(
 
     # Host-fed: the probes lower the step for plain (batch, ...) inputs, and the search is about
     # the step's own memory (a device-cached split would add its size at every batch).
-    d = cfg.to_dict()
-    d["data"] = {**d["data"], "cache": "host"}
-    setup = make_setup(config_mod.load_text(yaml.safe_dump(d), "<bench>"), compile_train=False)
+    setup = make_setup(_override(cfg, data={"cache": "host"}), compile_train=False)
     unit = setup.mesh.shape["data"]
     limit = memory_limit if memory_limit is not None else device_limit(setup.mesh.devices.flat[0])
     if limit is None:

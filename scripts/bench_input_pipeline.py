@@ -26,6 +26,7 @@ sys.path.insert(0, str(ROOT))
 
 from bench_overhead import train_summary  # noqa: E402  (scripts/ is on sys.path)
 
+from accelctl.bench import builtin_config  # noqa: E402
 from accelctl.devices import describe_machine  # noqa: E402
 
 WORKLOADS = {
@@ -48,17 +49,8 @@ MODES = {
 def make_config(name: str, mode: str, steps: int, log_every: int) -> dict:
     """Return the workload's shipped config with synthetic data fed the given way."""
     w = WORKLOADS[name]
-    cfg = yaml.safe_load((ROOT / "configs" / w["config"]).read_text())
-    kept = {k: v for k, v in cfg["data"].items() if k in ("augment", "mean", "std", "prefetch")}
-    cfg["data"] = {
-        "source": "synthetic",
-        "shape": w["shape"],
-        "num_classes": 10,
-        "num_train": w["n"],
-        "num_eval": 512,
-        **MODES[mode],
-        **kept,
-    }
+    cfg = builtin_config(name, num_train=w["n"], dtype=MODES[mode]["dtype"])
+    cfg["data"]["cache"] = MODES[mode]["cache"]
     cfg["train"] = {
         **{k: v for k, v in cfg["train"].items() if k not in ("epochs", "eval_every")},
         "steps": steps,
