@@ -336,6 +336,17 @@ def find_max_batch(
     }
 
 
+def find_max_batches(
+    workloads: list[tuple[str, dict[str, Any]]], *, memory_limit: int | None = None
+) -> dict[str, Any]:
+    """`find_max_batch` for every (name, config dict) workload (`bench --find-max-batch`)."""
+    results = []
+    for name, base in workloads:
+        cfg = config_mod.load_text(yaml.safe_dump(base), name)
+        results.append({"workload": name, **find_max_batch(cfg, memory_limit=memory_limit)})
+    return {"schema": SCHEMA, "find_max_batch": results}
+
+
 def compare(
     results: list[dict[str, Any]], baseline: dict[str, Any], tolerance_pct: float
 ) -> list[dict[str, Any]]:

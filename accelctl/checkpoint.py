@@ -82,25 +82,21 @@ def _manager(directory: Path, cfg: CheckpointConfig | None) -> Any:
         options = ocp.CheckpointManagerOptions(read_only=True, create=False)
     else:
         policies = [cm.LatestN(n=cfg.keep)]
+        best: dict[str, Any] = {}
         if cfg.keep_best is not None:
-            metric = cfg.keep_best.metric
+            metric, best_is_max = cfg.keep_best.metric, cfg.keep_best.best_is_max
             policies.append(
                 cm.BestN(
                     get_metric_fn=lambda m: m[metric],
                     # BestN keeps the last n after sorting: ascending keeps the largest.
-                    reverse=not cfg.keep_best.best_is_max,
+                    reverse=not best_is_max,
                     n=1,
                     keep_checkpoints_without_metrics=False,
                 )
             )
-        best: dict[str, Any] = {}
-        if cfg.keep_best is not None:
             # best_fn makes orbax write each checkpoint's metrics to disk, so a resumed run's
             # manager still ranks (and keeps) the best checkpoint of before the interruption.
-            best = {
-                "best_fn": lambda m: m[metric],
-                "best_mode": "max" if cfg.keep_best.best_is_max else "min",
-            }
+            best = {"best_fn": lambda m: m[metric], "best_mode": "max" if best_is_max else "min"}
         options = ocp.CheckpointManagerOptions(
             enable_async_checkpointing=cfg.async_,
             preservation_policy=cm.AnyPreservationPolicy(policies),

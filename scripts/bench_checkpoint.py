@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import statistics
 import sys
-import time
 from pathlib import Path
 
 import yaml
@@ -23,9 +22,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from bench_input_pipeline import make_config  # noqa: E402  (scripts/ on sys.path)
-from bench_overhead import train_summary  # noqa: E402
-
-from accelctl.devices import describe_machine  # noqa: E402
+from bench_overhead import report_header, train_summary, write_lines  # noqa: E402
 
 MODES = {
     "none": {"enabled": False},
@@ -71,14 +68,8 @@ def main() -> None:
 
 
 def write_report(args: argparse.Namespace, rows: list) -> None:
-    cmd = "python scripts/bench_checkpoint.py " + " ".join(sys.argv[1:])
     lines = [
-        "# Checkpoint cost: none vs async vs synchronous writes",
-        "",
-        f"Command: `{cmd}`  ",
-        f"Machine: {describe_machine()}  ",
-        f"Date: {time.strftime('%Y-%m-%d')}",
-        "",
+        *report_header("Checkpoint cost: none vs async vs synchronous writes"),
         f"{args.steps} steps, a checkpoint every {args.every} steps (plus the last step), the "
         "split cached on the device, synthetic data of the data set's shape. wall: the whole "
         "run (compile, evaluation and checkpoints included); samples/s: steady state with "
@@ -95,8 +86,7 @@ def write_report(args: argparse.Namespace, rows: list) -> None:
                 f"| {name} | {r['params']:.0f} | {mode} | {r['saves']:.0f} | {r['wall_s']:.2f} | "
                 f"{r['samples_per_s']:.0f} | {r['block_s'] * 1000:.1f} |"
             )
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text("\n".join(lines) + "\n")
+    write_lines(args.out, lines)
 
 
 if __name__ == "__main__":

@@ -16,7 +16,6 @@ import argparse
 import json
 import statistics
 import sys
-import time
 from pathlib import Path
 
 import yaml
@@ -24,10 +23,9 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bench_overhead import train_summary  # noqa: E402  (scripts/ is on sys.path)
+from bench_overhead import report_header, train_summary, write_lines  # noqa: E402  (scripts/ is on sys.path)
 
 from accelctl.bench import builtin_config  # noqa: E402
-from accelctl.devices import describe_machine  # noqa: E402
 
 WORKLOADS = {
     "mnist_mlp": {"config": "mnist_mlp.yaml", "shape": [28, 28, 1], "n": 60000, "steps": 1500},
@@ -105,14 +103,8 @@ def main() -> None:
 
 
 def write_report(args: argparse.Namespace, rows: list[dict]) -> None:
-    cmd = "python scripts/bench_input_pipeline.py " + " ".join(sys.argv[1:])
     lines = [
-        "# Input pipeline: host prefetch (float32 / uint8) vs device cache",
-        "",
-        f"Command: `{cmd}`  ",
-        f"Machine: {describe_machine()}  ",
-        f"Date: {time.strftime('%Y-%m-%d')}",
-        "",
+        *report_header("Input pipeline: host prefetch (float32 / uint8) vs device cache"),
         "Model, optimizer, batch, augmentation and normalisation from the named config; data "
         "synthetic of the data set's shape and size. host_f32: float32 batches cut on the host "
         "and prefetched (the usual hand-written pipeline); host_u8: uint8 batches prefetched, "
@@ -140,8 +132,7 @@ def write_report(args: argparse.Namespace, rows: list[dict]) -> None:
             values = ", ".join(f"{x['samples_per_s']:.0f}" for x in r["runs"][m])
             parts.append(f"{m} {values}")
         lines.append(f"- {r['workload']}: " + "; ".join(parts))
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text("\n".join(lines) + "\n")
+    write_lines(args.out, lines)
 
 
 if __name__ == "__main__":

@@ -65,6 +65,25 @@ def config_text(name: str, steps: int, batch: int, log_every: int) -> str:
     return json.dumps(cfg)  # JSON is YAML
 
 
+def report_header(title: str) -> list[str]:
+    """The first lines of every benchmark report: title, the exact command, machine, date."""
+    cmd = "python scripts/" + Path(sys.argv[0]).name + " " + " ".join(sys.argv[1:])
+    return [
+        f"# {title}",
+        "",
+        f"Command: `{cmd.strip()}`  ",
+        f"Machine: {describe_machine()}  ",
+        f"Date: {time.strftime('%Y-%m-%d')}",
+        "",
+    ]
+
+
+def write_lines(path: Path, lines: list[str]) -> None:
+    """Write a report (creating its folder)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("\n".join(lines) + "\n")
+
+
 def train_summary(config_yaml: str, name: str) -> dict:
     """Run `accelctl train` on a config (YAML text) in its own process; return summary.json."""
     with tempfile.TemporaryDirectory() as tmp:
@@ -226,14 +245,8 @@ def main() -> None:
 
 
 def write_report(args: argparse.Namespace, rows: list[dict]) -> None:
-    cmd = "python scripts/bench_overhead.py " + " ".join(a for a in sys.argv[1:])
     lines = [
-        "# Loop overhead: `accelctl train` vs a hand-written `jax.jit` loop",
-        "",
-        f"Command: `{cmd}`  ",
-        f"Machine: {describe_machine()}  ",
-        f"Date: {time.strftime('%Y-%m-%d')}",
-        "",
+        *report_header("Loop overhead: `accelctl train` vs a hand-written `jax.jit` loop"),
         f"Global batch {args.batch}, Adam lr 1e-3, synthetic uint8 28x28x1 data (60000 "
         "examples), fp32. accelctl: steady-state `train_samples_per_s` from `summary.json` "
         "(after the first step, evaluation excluded), batches fed from the host by the prefetch "
@@ -261,8 +274,7 @@ def write_report(args: argparse.Namespace, rows: list[dict]) -> None:
             f"hand-written {', '.join(f'{v:.0f}' for v in r['runs_handwritten'])}; "
             f"step alone {', '.join(f'{v:.0f}' for v in r['runs_step_alone'])}"
         )
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text("\n".join(lines) + "\n")
+    write_lines(args.out, lines)
 
 
 if __name__ == "__main__":

@@ -9,7 +9,7 @@ from typing import Annotated, Any
 
 import typer
 
-from accelctl.cli.common import run_guarded, write_json
+from accelctl.cli.common import Debug, JsonOut, run_guarded, write_json
 from accelctl.errors import UserError
 
 EXIT_REGRESSION = 4
@@ -50,13 +50,8 @@ def bench_command(
     tolerance: Annotated[
         float, typer.Option("--tolerance", min=0, help="Allowed samples/s drop in percent.")
     ] = 5.0,
-    json_out: Annotated[
-        str | None,
-        typer.Option("--json", help="Also write the result as JSON to PATH ('-' for stdout)."),
-    ] = None,
-    debug: Annotated[
-        bool, typer.Option("--debug", help="Show tracebacks for input errors too.")
-    ] = False,
+    json_out: JsonOut = None,
+    debug: Debug = False,
 ) -> None:
     """Benchmark the training step of each config (or the built-in suite) on these devices."""
 
@@ -68,21 +63,8 @@ def bench_command(
             if p != "fp32":
                 raise UserError(f"--precision {p}: only fp32 exists so far")
         if find_max_batch:
-            from accelctl import config as config_mod
-
-            results = []
-            for name, base in workloads:
-                cfg = config_mod.load_text(bench.yaml.safe_dump(base), name)
-                results.append(
-                    {
-                        "workload": name,
-                        **bench.find_max_batch(
-                            cfg,
-                            memory_limit=int(memory_limit) if memory_limit is not None else None,
-                        ),
-                    }
-                )
-            return {"schema": bench.SCHEMA, "find_max_batch": results}
+            limit = int(memory_limit) if memory_limit is not None else None
+            return bench.find_max_batches(workloads, memory_limit=limit)
         prior = _load_baseline(baseline) if baseline else None
         result = bench.run_bench(
             workloads,

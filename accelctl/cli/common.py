@@ -6,13 +6,25 @@ import json
 import sys
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Annotated, Any, TypeVar
 
 import typer
 
 from accelctl.errors import UserError
 
 T = TypeVar("T")
+
+# Options every command spells the same way.
+JsonOut = Annotated[
+    str | None, typer.Option("--json", help="Also write the result as JSON to PATH ('-': stdout).")
+]
+Debug = Annotated[bool, typer.Option("--debug", help="Show tracebacks for input errors too.")]
+SetOverrides = Annotated[
+    list[str] | None,
+    typer.Option(
+        "--set", help="Override a config field, e.g. --set optimizer.lr=3e-4 (repeatable)."
+    ),
+]
 
 EXIT_USAGE = 2
 EXIT_INTERRUPTED = 130  # 128 + SIGINT, as shells report it

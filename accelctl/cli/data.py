@@ -6,7 +6,7 @@ from typing import Annotated, Any
 
 import typer
 
-from accelctl.cli.common import run_guarded, write_json
+from accelctl.cli.common import Debug, JsonOut, run_guarded, write_json
 
 app = typer.Typer(
     help="Prepare and list tensorflow-datasets data sets (train with data.source: tfds).",
@@ -19,10 +19,6 @@ DataDir = Annotated[
         "--data-dir", help="tfds data folder (default: $TFDS_DATA_DIR or ~/tensorflow_datasets)."
     ),
 ]
-JsonOut = Annotated[
-    str | None, typer.Option("--json", help="Also write the result as JSON to PATH ('-': stdout).")
-]
-Debug = Annotated[bool, typer.Option("--debug", help="Show tracebacks for input errors too.")]
 
 
 @app.command("prepare")

@@ -8,7 +8,7 @@ from typing import Annotated, Any
 
 import typer
 
-from accelctl.cli.common import run_guarded, write_json
+from accelctl.cli.common import Debug, JsonOut, SetOverrides, run_guarded, write_json
 
 
 def eval_command(
@@ -23,17 +23,9 @@ def eval_command(
         Path | None,
         typer.Argument(help="YAML config; default: the config stored in the checkpoint."),
     ] = None,
-    set_: Annotated[
-        list[str] | None,
-        typer.Option("--set", help="Override a field: --set data.eval_split=test (repeatable)."),
-    ] = None,
-    json_out: Annotated[
-        str | None,
-        typer.Option("--json", help="Also write the result as JSON to PATH ('-' for stdout)."),
-    ] = None,
-    debug: Annotated[
-        bool, typer.Option("--debug", help="Show tracebacks for input errors too.")
-    ] = False,
+    set_: SetOverrides = None,
+    json_out: JsonOut = None,
+    debug: Debug = False,
 ) -> None:
     """Evaluate a checkpoint on the eval split and print loss and accuracy."""
 

@@ -7,24 +7,18 @@ from typing import Annotated
 
 import typer
 
-from accelctl.cli.common import run_guarded, write_json
+from accelctl.cli.common import Debug, JsonOut, SetOverrides, run_guarded, write_json
 from accelctl.errors import UserError
 
 
 def train_command(
     config: Annotated[Path, typer.Argument(help="YAML config file (see configs/).")],
-    set_: Annotated[
-        list[str] | None,
-        typer.Option("--set", help="Override a field: --set optimizer.lr=3e-4 (repeatable)."),
-    ] = None,
+    set_: SetOverrides = None,
     run_dir: Annotated[
         Path | None,
         typer.Option("--run-dir", help="Run directory (default: runs/<config-name>-<timestamp>/)."),
     ] = None,
-    json_out: Annotated[
-        str | None,
-        typer.Option("--json", help="Also write the summary as JSON to PATH ('-' for stdout)."),
-    ] = None,
+    json_out: JsonOut = None,
     resume: Annotated[
         bool,
         typer.Option(
@@ -33,9 +27,7 @@ def train_command(
         ),
     ] = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress output.")] = False,
-    debug: Annotated[
-        bool, typer.Option("--debug", help="Show tracebacks for input errors too.")
-    ] = False,
+    debug: Debug = False,
 ) -> None:
     """Train a model as the config describes (or continue a run with --resume).
 

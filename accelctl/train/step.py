@@ -130,7 +130,7 @@ def make_train_step(sc: StepConfig) -> Callable[[TrainState, Batch], tuple[Train
 
 
 def _keep_if(ok: jax.Array, new: Any, old: Any) -> Any:
-    """`new` where the scalar `ok` is true, else `old`, leaf by leaf (no copy when ok)."""
+    """`new` where the scalar `ok` is true, else `old`, leaf by leaf (one select per leaf)."""
     return jax.tree.map(lambda a, b: jnp.where(ok, a, b), new, old)
 
 
