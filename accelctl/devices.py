@@ -29,6 +29,31 @@ def describe_machine() -> str:
     )
 
 
+def set_cpu_devices(n: int) -> None:
+    """Split the host CPU into `n` XLA devices; must run before the first JAX computation.
+
+    XLA:CPU runs each convolution on a single thread, so a conv net on a many-core host only
+    uses all cores as several data-parallel CPU devices (docs/benchmarks/bench.md). Overrides
+    `--xla_force_host_platform_device_count` in XLA_FLAGS. Other backends are unaffected.
+
+    Raises:
+        UserError: n < 1, or JAX's backends are already initialised in this process.
+    """
+    import jax
+
+    from accelctl.errors import UserError
+
+    if n < 1:
+        raise UserError(f"--cpu-devices {n}: give a count of at least 1")
+    try:
+        jax.config.update("jax_num_cpu_devices", n)
+    except RuntimeError:
+        raise UserError(
+            f"--cpu-devices {n}: JAX's backends are already initialised in this process; set "
+            "the CPU device count before any JAX computation (e.g. JAX_NUM_CPU_DEVICES)"
+        ) from None
+
+
 # Dense peak FLOP/s per device (no structured sparsity), from the vendors' datasheets. "fp32"
 # is the TF32 tensor-core rate on NVIDIA GPUs from Ampere on, because XLA's default matmul
 # precision lets float32 matmuls use TF32 there; V100 has no TF32 (plain FP32). Matched in

@@ -18,6 +18,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import jax
 import numpy as np
 import pytest
 import yaml
@@ -636,3 +637,10 @@ def test_cli_baseline_with_a_zero_rate(tiny_file, tmp_path):
         "bench", str(tiny_file), "--steps", "2", "--warmup", "0", "--baseline", str(base)
     )
     assert_user_error(result, "--baseline", "samples_per_s")
+
+
+def test_cpu_devices_after_backend_start_is_a_clear_error():
+    jax.devices()  # the test process has initialised its backends
+    result = invoke("bench", "--cpu-devices", "2", "--steps", "2")
+    assert result.exit_code == 2 and "already initialised" in result.output
+    assert invoke("bench", "--cpu-devices", "0").exit_code == 2

@@ -12,6 +12,7 @@ import pytest
 from flax import nnx
 
 from accelctl import config, models
+from accelctl.models.layers import pool2x2
 
 IMAGE = (8, 8, 1)  # MLP and CNN inputs
 CLASSES = 4
@@ -110,6 +111,27 @@ def test_cnn_odd_and_tiny_maps_pool_like_the_head_expects() -> None:
     # 5x3 → 2x1 → 1x1: the head width computed at init must match the call.
     model = _build(_cnn("avg"), input_shape=(5, 3, 1))
     assert model(_x((BATCH, 5, 3, 1)), train=False).shape == (BATCH, CLASSES)
+
+
+@pytest.mark.parametrize("kind", ["max", "avg"])
+@pytest.mark.parametrize("shape", [(2, 8, 8, 3), (2, 7, 5, 3), (2, 1, 5, 2), (2, 1, 1, 2)])
+def test_pool2x2_equals_flax_pooling_values_and_gradients(kind: str, shape) -> None:
+    # Random inputs have no ties, so even the max gradient (shared among ties) must match.
+    flax_pool = nnx.max_pool if kind == "max" else nnx.avg_pool
+    window = tuple(2 if d >= 2 else 1 for d in shape[1:3])
+    x = _x(shape)
+
+    def ours(x):
+        return pool2x2(x, kind)
+
+    def theirs(x):
+        return flax_pool(x, window, strides=window)
+
+    np.testing.assert_array_equal(ours(x), theirs(x))
+    w = _x(ours(x).shape, seed=1)  # a cotangent that is not all ones
+    g_ours = jax.grad(lambda x: jnp.sum(ours(x) * w))(x)
+    g_theirs = jax.grad(lambda x: jnp.sum(theirs(x) * w))(x)
+    np.testing.assert_allclose(g_ours, g_theirs, rtol=1e-6, atol=1e-7)
 
 
 def test_cnn_rejects_non_image_inputs() -> None:

@@ -9,7 +9,7 @@ from typing import Annotated, Any
 
 import typer
 
-from accelctl.cli.common import Debug, JsonOut, run_guarded, write_json
+from accelctl.cli.common import CpuDevices, Debug, JsonOut, run_guarded, write_json
 from accelctl.errors import UserError
 
 EXIT_REGRESSION = 4
@@ -50,6 +50,7 @@ def bench_command(
     tolerance: Annotated[
         float, typer.Option("--tolerance", min=0, help="Allowed samples/s drop in percent.")
     ] = 5.0,
+    cpu_devices: CpuDevices = None,
     json_out: JsonOut = None,
     debug: Debug = False,
 ) -> None:
@@ -57,7 +58,10 @@ def bench_command(
 
     def go() -> dict[str, Any]:
         from accelctl import bench
+        from accelctl.devices import set_cpu_devices
 
+        if cpu_devices is not None:
+            set_cpu_devices(cpu_devices)
         workloads = _workloads(configs or [])
         for p in precision or []:
             if p != "fp32":

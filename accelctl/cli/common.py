@@ -25,6 +25,15 @@ SetOverrides = Annotated[
         "--set", help="Override a config field, e.g. --set optimizer.lr=3e-4 (repeatable)."
     ),
 ]
+CpuDevices = Annotated[
+    int | None,
+    typer.Option(
+        "--cpu-devices",
+        min=1,
+        help="Split the host CPU into N devices (XLA:CPU runs each convolution on one thread; "
+        "N = cores lets a conv net use them all). Default: JAX's (1, or JAX_NUM_CPU_DEVICES).",
+    ),
+]
 
 EXIT_USAGE = 2
 EXIT_INTERRUPTED = 130  # 128 + SIGINT, as shells report it

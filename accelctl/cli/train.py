@@ -7,7 +7,14 @@ from typing import Annotated
 
 import typer
 
-from accelctl.cli.common import Debug, JsonOut, SetOverrides, run_guarded, write_json
+from accelctl.cli.common import (
+    CpuDevices,
+    Debug,
+    JsonOut,
+    SetOverrides,
+    run_guarded,
+    write_json,
+)
 from accelctl.errors import UserError
 
 
@@ -27,6 +34,7 @@ def train_command(
         ),
     ] = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress output.")] = False,
+    cpu_devices: CpuDevices = None,
     debug: Debug = False,
 ) -> None:
     """Train a model as the config describes (or continue a run with --resume).
@@ -38,8 +46,11 @@ def train_command(
     def go() -> dict:
         from accelctl import compile_cache
         from accelctl import config as config_mod
+        from accelctl.devices import set_cpu_devices
         from accelctl.train import default_run_dir, train
 
+        if cpu_devices is not None:
+            set_cpu_devices(cpu_devices)
         compile_cache.enable()
 
         cfg = config_mod.load(config, set_ or [])

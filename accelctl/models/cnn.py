@@ -7,7 +7,7 @@ from collections.abc import Sequence
 import jax
 from flax import nnx
 
-from accelctl.models.layers import ACTIVATIONS
+from accelctl.models.layers import ACTIVATIONS, pool2x2
 
 
 class CNN(nnx.Module):
@@ -62,12 +62,8 @@ class CNN(nnx.Module):
             if norm is not None:
                 x = norm(x, use_running_average=not train)
             x = act(x)
-            # Pooling halves odd sizes by floor; a 1-pixel map is left as is.
-            window = tuple(2 if d >= 2 else 1 for d in x.shape[1:3])
-            if self.pool == "max":
-                x = nnx.max_pool(x, window, strides=window)
-            elif self.pool == "avg":
-                x = nnx.avg_pool(x, window, strides=window)
+            if self.pool != "none":
+                x = pool2x2(x, self.pool)
         x = x.reshape(x.shape[0], -1)
         for layer in self.dense:
             x = self.dropout(act(layer(x)), deterministic=not train, rngs=rngs)

@@ -14,3 +14,19 @@ ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
     "tanh": jnp.tanh,
     "sigmoid": jax.nn.sigmoid,
 }
+
+
+def pool2x2(x: jax.Array, kind: str) -> jax.Array:
+    """Non-overlapping 2x2 max/avg pooling of NHWC maps; odd sizes are floored, 1-pixel axes kept.
+
+    Written as reshape + reduce instead of `reduce_window`: the gradient of a max
+    `reduce_window` is a select-and-scatter, which XLA:CPU runs several times slower
+    (a CNN step on MNIST: 116 -> 74 ms, docs/benchmarks/bench.md). The forward values equal
+    `nnx.max_pool`/`nnx.avg_pool` with window = stride = 2; where several inputs tie for the
+    max, the gradient is shared between them instead of going to the first one.
+    """
+    b, h, w, c = x.shape
+    wh, ww = (2 if h >= 2 else 1), (2 if w >= 2 else 1)
+    oh, ow = h // wh, w // ww
+    x = x[:, : oh * wh, : ow * ww].reshape(b, oh, wh, ow, ww, c)
+    return x.max(axis=(2, 4)) if kind == "max" else x.mean(axis=(2, 4))
