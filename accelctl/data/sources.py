@@ -20,7 +20,8 @@ from accelctl.errors import FieldError, UserError
 
 @dataclass(frozen=True)
 class Split:
-    """Examples of one split: x (N, *input_shape) and integer labels y (N,)."""
+    """Examples of one split: x (N, *input_shape) and integer labels y (N,), or for token
+    data sets per-position targets y (N, T) beside tokens x (N, T)."""
 
     x: np.ndarray
     y: np.ndarray
@@ -73,6 +74,9 @@ class Dataset:
     # Integer inputs are multiplied by this on the device after the cast to float32;
     # None means x is already float32 and used as is.
     x_scale: float | None
+    # Token data sets: x holds integer token ids that the model embeds (never cast to float),
+    # y the next token at every position; num_classes is the vocabulary size.
+    tokens: bool = False
 
     @property
     def input_shape(self) -> tuple[int, ...]:

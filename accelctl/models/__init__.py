@@ -15,13 +15,13 @@ from accelctl.models.cnn import CNN
 from accelctl.models.mlp import MLP
 from accelctl.models.resnet import ResNet
 
-BuildFn = Callable[[Any, tuple[int, ...], int, nnx.Rngs], nnx.Module]
+BuildFn = Callable[[Any, tuple[int, ...], int, nnx.Rngs, Any], nnx.Module]
 
 _REGISTRY: dict[str, BuildFn] = {}
 
 
 def register(name: str) -> Callable[[BuildFn], BuildFn]:
-    """Register a builder `fn(model_cfg, input_shape, num_outputs, rngs) -> nnx.Module`."""
+    """Register a builder `fn(model_cfg, input_shape, num_outputs, rngs, dtype) -> nnx.Module`."""
 
     def wrap(fn: BuildFn) -> BuildFn:
         if name in _REGISTRY:
@@ -38,7 +38,12 @@ def names() -> list[str]:
 
 
 def build(
-    cfg: Any, input_shape: tuple[int, ...], num_outputs: int, *, rngs: nnx.Rngs
+    cfg: Any,
+    input_shape: tuple[int, ...],
+    num_outputs: int,
+    *,
+    rngs: nnx.Rngs,
+    dtype: Any = None,
 ) -> nnx.Module:
     """Build the model named by `cfg.name`.
 
@@ -47,26 +52,32 @@ def build(
         input_shape: shape of one example, without the batch dimension.
         num_outputs: number of logits (classes).
         rngs: parameter initialisation keys.
+        dtype: compute dtype of the layers (None: float32); parameters are always float32.
     Returns:
         The initialised NNX module.
     """
-    return _REGISTRY[cfg.name](cfg, input_shape, num_outputs, rngs)
+    return _REGISTRY[cfg.name](cfg, input_shape, num_outputs, rngs, dtype)
 
 
 @register("mlp")
-def _build_mlp(cfg: Any, input_shape: tuple[int, ...], num_outputs: int, rngs: nnx.Rngs) -> MLP:
+def _build_mlp(
+    cfg: Any, input_shape: tuple[int, ...], num_outputs: int, rngs: nnx.Rngs, dtype: Any
+) -> MLP:
     return MLP(
         input_shape,
         cfg.hidden,
         num_outputs,
         activation=cfg.activation,
         dropout=cfg.dropout,
+        dtype=dtype,
         rngs=rngs,
     )
 
 
 @register("cnn")
-def _build_cnn(cfg: Any, input_shape: tuple[int, ...], num_outputs: int, rngs: nnx.Rngs) -> CNN:
+def _build_cnn(
+    cfg: Any, input_shape: tuple[int, ...], num_outputs: int, rngs: nnx.Rngs, dtype: Any
+) -> CNN:
     kernels = cfg.kernels if isinstance(cfg.kernels, tuple) else (cfg.kernels,) * len(cfg.channels)
     return CNN(
         input_shape,
@@ -78,13 +89,14 @@ def _build_cnn(cfg: Any, input_shape: tuple[int, ...], num_outputs: int, rngs: n
         num_outputs=num_outputs,
         activation=cfg.activation,
         dropout=cfg.dropout,
+        dtype=dtype,
         rngs=rngs,
     )
 
 
 @register("resnet")
 def _build_resnet(
-    cfg: Any, input_shape: tuple[int, ...], num_outputs: int, rngs: nnx.Rngs
+    cfg: Any, input_shape: tuple[int, ...], num_outputs: int, rngs: nnx.Rngs, dtype: Any
 ) -> ResNet:
     return ResNet(
         input_shape,
@@ -95,5 +107,6 @@ def _build_resnet(
         zero_init_residual=cfg.zero_init_residual,
         num_outputs=num_outputs,
         activation=cfg.activation,
+        dtype=dtype,
         rngs=rngs,
     )

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import jax
 from flax import nnx
@@ -25,6 +26,7 @@ class CNN(nnx.Module):
         num_outputs: int,
         activation: str = "relu",
         dropout: float = 0.0,
+        dtype: Any = None,
         rngs: nnx.Rngs,
     ) -> None:
         shape = list(input_shape) if len(input_shape) == 3 else [*input_shape, 1]
@@ -34,9 +36,13 @@ class CNN(nnx.Module):
         convs, norms = [], []
         for ch, k in zip(channels, kernels, strict=True):
             convs.append(
-                nnx.Conv(c, ch, (k, k), padding="SAME", use_bias=not batch_norm, rngs=rngs)
+                nnx.Conv(
+                    c, ch, (k, k), padding="SAME", use_bias=not batch_norm, dtype=dtype, rngs=rngs
+                )
             )
-            norms.append(nnx.BatchNorm(ch, momentum=0.9, rngs=rngs) if batch_norm else None)
+            norms.append(
+                nnx.BatchNorm(ch, momentum=0.9, dtype=dtype, rngs=rngs) if batch_norm else None
+            )
             c = ch
             if pool != "none":
                 h, w = max(h // 2, 1), max(w // 2, 1)
@@ -44,9 +50,12 @@ class CNN(nnx.Module):
         self.norms = nnx.List(norms)
         widths = [h * w * c, *dense]
         self.dense = nnx.List(
-            [nnx.Linear(a, b, rngs=rngs) for a, b in zip(widths[:-1], widths[1:], strict=True)]
+            [
+                nnx.Linear(a, b, dtype=dtype, rngs=rngs)
+                for a, b in zip(widths[:-1], widths[1:], strict=True)
+            ]
         )
-        self.head = nnx.Linear(widths[-1], num_outputs, rngs=rngs)
+        self.head = nnx.Linear(widths[-1], num_outputs, dtype=dtype, rngs=rngs)
         self.dropout = nnx.Dropout(dropout)
         self.pool = pool
         self.activation = activation

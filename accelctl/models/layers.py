@@ -3,9 +3,22 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
+
+
+def logical(*names: str | None) -> dict[str, Any]:
+    """Parameter metadata naming each axis of a weight, e.g. logical("embed", "mlp").
+
+    Pass it as `kernel_metadata=` / `bias_metadata=`; `parallel.py` maps the names to mesh axes
+    (tensor parallelism), so no model hard-codes a mesh. Names in use: "embed" (model width,
+    never split by tp), "mlp" (feed-forward hidden), "heads" (attention heads x head size),
+    "vocab"; None = an axis that is never split.
+    """
+    return {"logical_axes": names}
+
 
 ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
     "relu": jax.nn.relu,

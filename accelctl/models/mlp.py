@@ -4,17 +4,20 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from typing import Any
 
 import jax
 from flax import nnx
 
-from accelctl.models.layers import ACTIVATIONS
+from accelctl.models.layers import ACTIVATIONS, logical
 
 
 class MLP(nnx.Module):
     """MLP over flattened inputs.
 
     The seeds' MNIST example (Dense 64 relu → Dense 10) is `hidden: [64], activation: relu`.
+    Under tensor parallelism the layers alternate Megatron-style: column-split ("embed", "mlp"),
+    then row-split ("mlp", "embed"), so each pair needs one all-reduce.
     """
 
     def __init__(
@@ -25,13 +28,26 @@ class MLP(nnx.Module):
         *,
         activation: str = "relu",
         dropout: float = 0.0,
+        dtype: Any = None,
         rngs: nnx.Rngs,
     ) -> None:
-        widths = [math.prod(input_shape), *hidden]
-        self.hidden = nnx.List(
-            [nnx.Linear(a, b, rngs=rngs) for a, b in zip(widths[:-1], widths[1:], strict=True)]
-        )
-        self.head = nnx.Linear(widths[-1], num_outputs, rngs=rngs)
+        widths = [math.prod(input_shape), *hidden, num_outputs]
+        layers = []
+        for i, (a, b) in enumerate(zip(widths[:-1], widths[1:], strict=True)):
+            axes = ("embed", "mlp") if i % 2 == 0 else ("mlp", "embed")
+            last = i == len(widths) - 2
+            layers.append(
+                nnx.Linear(
+                    a,
+                    b,
+                    dtype=dtype,
+                    kernel_metadata=logical(*axes[:1], None if last else axes[1]),
+                    bias_metadata=logical(None if last else axes[1]),
+                    rngs=rngs,
+                )
+            )
+        self.hidden = nnx.List(layers[:-1])
+        self.head = layers[-1]
         self.dropout = nnx.Dropout(dropout)
         self.activation = activation
 

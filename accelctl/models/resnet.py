@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -11,14 +12,17 @@ from flax import nnx
 from accelctl.models.layers import ACTIVATIONS
 
 
-def _conv(c_in: int, c_out: int, k: int, stride: int, rngs: nnx.Rngs) -> nnx.Conv:
+def _conv(c_in: int, c_out: int, k: int, stride: int, rngs: nnx.Rngs, dtype: Any) -> nnx.Conv:
     # No bias: every conv is followed by a batch norm, whose bias takes its place.
-    return nnx.Conv(c_in, c_out, (k, k), strides=stride, padding="SAME", use_bias=False, rngs=rngs)
+    return nnx.Conv(
+        c_in, c_out, (k, k), strides=stride, padding="SAME", use_bias=False, dtype=dtype, rngs=rngs
+    )
 
 
-def _norm(ch: int, rngs: nnx.Rngs, *, zero_scale: bool = False) -> nnx.BatchNorm:
+def _norm(ch: int, rngs: nnx.Rngs, dtype: Any, *, zero_scale: bool = False) -> nnx.BatchNorm:
+    # Flax computes the batch statistics in float32 and keeps the running ones in float32.
     scale_init = nnx.initializers.zeros if zero_scale else nnx.initializers.ones
-    return nnx.BatchNorm(ch, momentum=0.9, scale_init=scale_init, rngs=rngs)
+    return nnx.BatchNorm(ch, momentum=0.9, scale_init=scale_init, dtype=dtype, rngs=rngs)
 
 
 class Block(nnx.Module):
@@ -43,6 +47,7 @@ class Block(nnx.Module):
         bottleneck: bool,
         zero_init_residual: bool,
         activation: str,
+        dtype: Any = None,
         rngs: nnx.Rngs,
     ) -> None:
         # (kernel, channels, stride) per conv; the bottleneck strides in its 3x3 conv (v1.5).
@@ -52,16 +57,16 @@ class Block(nnx.Module):
             layers = [(3, ch, stride), (3, ch, 1)]
         convs, norms, c = [], [], c_in
         for i, (k, c_out, s) in enumerate(layers):
-            convs.append(_conv(c, c_out, k, s, rngs))
+            convs.append(_conv(c, c_out, k, s, rngs, dtype))
             last = i == len(layers) - 1
-            norms.append(_norm(c_out, rngs, zero_scale=zero_init_residual and last))
+            norms.append(_norm(c_out, rngs, dtype, zero_scale=zero_init_residual and last))
             c = c_out
         self.convs = nnx.List(convs)
         self.norms = nnx.List(norms)
         # The identity can only be added when the shape is unchanged; otherwise project.
         needs_proj = stride != 1 or c_in != c
-        self.proj = _conv(c_in, c, 1, stride, rngs) if needs_proj else None
-        self.proj_norm = _norm(c, rngs) if needs_proj else None
+        self.proj = _conv(c_in, c, 1, stride, rngs, dtype) if needs_proj else None
+        self.proj_norm = _norm(c, rngs, dtype) if needs_proj else None
         self.activation = activation
         self.out_channels = c
 
@@ -91,6 +96,7 @@ class ResNet(nnx.Module):
         zero_init_residual: start each block's last batch-norm scale at 0.
         num_outputs: number of logits.
         activation: name in ACTIVATIONS.
+        dtype: compute dtype (None: float32); parameters stay float32.
         rngs: parameter initialisation keys.
     """
 
@@ -105,6 +111,7 @@ class ResNet(nnx.Module):
         zero_init_residual: bool,
         num_outputs: int,
         activation: str = "relu",
+        dtype: Any = None,
         rngs: nnx.Rngs,
     ) -> None:
         shape = list(input_shape) if len(input_shape) == 3 else [*input_shape, 1]
@@ -113,8 +120,8 @@ class ResNet(nnx.Module):
         if block not in ("basic", "bottleneck") or stem not in ("cifar", "imagenet"):
             raise ValueError(f"unknown resnet block {block!r} or stem {stem!r}")
         k, s = (3, 1) if stem == "cifar" else (7, 2)
-        self.stem_conv = _conv(shape[2], width, k, s, rngs)
-        self.stem_norm = _norm(width, rngs)
+        self.stem_conv = _conv(shape[2], width, k, s, rngs, dtype)
+        self.stem_norm = _norm(width, rngs, dtype)
         blocks, c = [], width
         for i, size in enumerate(stage_sizes):
             for j in range(size):
@@ -126,12 +133,13 @@ class ResNet(nnx.Module):
                     bottleneck=block == "bottleneck",
                     zero_init_residual=zero_init_residual,
                     activation=activation,
+                    dtype=dtype,
                     rngs=rngs,
                 )
                 blocks.append(blk)
                 c = blk.out_channels
         self.blocks = nnx.List(blocks)
-        self.head = nnx.Linear(c, num_outputs, rngs=rngs)
+        self.head = nnx.Linear(c, num_outputs, dtype=dtype, rngs=rngs)
         self.stem = stem
         self.activation = activation
         self.image_ndim = len(input_shape)

@@ -1,4 +1,7 @@
-"""Per-example losses and metrics on logits (batch, classes) and integer labels (batch,)."""
+"""Per-example losses and metrics on logits (batch, classes) and integer labels (batch,).
+
+Token models give logits (batch, T, vocab) and labels (batch, T): everything is per position.
+"""
 
 from __future__ import annotations
 

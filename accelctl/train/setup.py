@@ -7,6 +7,7 @@ the real input shardings and donated state, and that compile is timed.
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager
@@ -142,7 +143,7 @@ def _place_data(cfg: Config, mesh: Mesh, ds: Dataset) -> tuple[Dataset, str, str
         train = train.load()  # type: ignore[attr-defined]
     if mode != "none" and not isinstance(ev, Split):
         ev = ev.load()  # type: ignore[attr-defined]
-    return Dataset(ds.name, train, ev, ds.num_classes, ds.x_scale), mode, reason
+    return dataclasses.replace(ds, train=train, eval=ev), mode, reason
 
 
 def make_setup(cfg: Config, *, compile_train: bool = True) -> Setup:
@@ -199,6 +200,7 @@ def make_setup(cfg: Config, *, compile_train: bool = True) -> Setup:
         loss=cfg.train.loss,
         label_smoothing=cfg.train.label_smoothing,
         x_scale=ds.x_scale,
+        token_inputs=ds.tokens,
         x_mean=cfg.data.mean,
         x_std=cfg.data.std,
         crop_padding=cfg.data.augment.crop_padding,

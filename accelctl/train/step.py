@@ -36,9 +36,17 @@ class StepConfig:
     x_std: tuple[float, ...] | None = None
     crop_padding: int = 0  # training-time augmentation (see data.augment)
     flip: bool = False
+    token_inputs: bool = False  # integer token ids go to the model as they are
+
+
+def _num_targets(y: jax.Array) -> jax.Array:
+    """Targets in a batch: one per example, or one per position for token data (B, T)."""
+    return jnp.float32(y.size)
 
 
 def _inputs(x: jax.Array, sc: StepConfig) -> jax.Array:
+    if sc.token_inputs:
+        return x
     x = x.astype(jnp.float32)
     if sc.x_scale is not None:
         x = x * jnp.float32(sc.x_scale)
@@ -106,7 +114,7 @@ def make_train_step(sc: StepConfig) -> Callable[[TrainState, Batch], tuple[Train
             (params, model_state, opt_state, plateau),
             (state.params, state.model_state, state.opt_state, state.plateau),
         )
-        n = jnp.where(finite, jnp.float32(batch["y"].shape[0]), 0.0)
+        n = jnp.where(finite, _num_targets(batch["y"]), 0.0)
         sums = {
             "loss_sum": state.sums["loss_sum"] + jnp.where(finite, loss, 0.0) * n,
             "correct": state.sums["correct"] + jnp.sum(correct(logits, batch["y"])) * (n > 0),
@@ -168,8 +176,10 @@ def make_eval_step(sc: StepConfig) -> Callable[[TrainState, Batch, Batch], Batch
 
     def eval_step(state: TrainState, batch: Batch, sums: Batch) -> Batch:
         logits, _ = _forward(sc, state.params, state.model_state, batch["x"], train=False)
-        mask = batch["mask"]
         losses = loss_fn(logits, batch["y"], label_smoothing=sc.label_smoothing)
+        # mask (B,): padded examples count 0; for token data it covers every position.
+        mask = batch["mask"].reshape(batch["mask"].shape + (1,) * (losses.ndim - 1))
+        mask = jnp.broadcast_to(mask, losses.shape)
         return {
             "loss_sum": sums["loss_sum"] + jnp.sum(losses * mask),
             "correct": sums["correct"] + jnp.sum(correct(logits, batch["y"]) * mask),
