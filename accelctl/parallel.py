@@ -1,7 +1,14 @@
 """Sharding in one place: the device mesh, batch and state shardings, strategy rules.
 
-Mesh axes are ("data", "model"). Strategy `dp` shards the batch along `data` and replicates the
-parameters and optimizer state; later strategies (fsdp, tp, pmap) plug in here.
+Mesh axes are ("data", "model"). Every strategy shards the batch along `data`. What differs is
+the train state:
+- dp: parameters and optimizer state replicated on every device;
+- fsdp: parameters and optimizer state split over `data`, each array along its largest
+  dimension that the axis divides (smaller arrays stay replicated); XLA gathers them for use;
+- tp: weights split over `model` by the logical axis names the models give them
+  (`models.layers.logical`), mapped through TP_RULES: Megatron column/row parallelism;
+- pmap: dp through `jax.pmap` (one program per device, gradients averaged with `pmean`);
+- auto: dp while the replicated state is small next to one device's memory, else fsdp.
 """
 
 from __future__ import annotations
@@ -10,12 +17,21 @@ from typing import Any
 
 import jax
 import numpy as np
+from flax import nnx
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from accelctl.config import Config
 
 AXES = ("data", "model")
+
+# Logical weight axis -> mesh axis under tp. "embed" (the model width) stays whole, so a
+# column-split layer ("embed", "mlp") followed by a row-split one ("mlp", "embed") needs a single
+# all-reduce per pair; "vocab" stays whole as well (the output softmax is not split).
+TP_RULES: dict[str, str | None] = {"mlp": "model", "heads": "model", "embed": None, "vocab": None}
+
+# auto picks fsdp once the replicated train state would take more than this share of a device.
+AUTO_STATE_FRACTION = 0.25
 
 
 def select_devices(cfg: Config) -> list[jax.Device]:
@@ -71,21 +87,100 @@ def batch_sharding(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, P("data"))
 
 
+def micro_batch_sharding(mesh: Mesh) -> NamedSharding:
+    """Sharding of a (micro-batches, batch / micro-batches, ...) stack: rows along `data`."""
+    return NamedSharding(mesh, P(None, "data"))
+
+
 def replicated(mesh: Mesh) -> NamedSharding:
     """Sharding of a value held whole on every device."""
     return NamedSharding(mesh, P())
 
 
+def resolve_strategy(cfg: Config, mesh: Mesh, abstract_state: Any) -> tuple[str, str]:
+    """The strategy to run (auto resolved) and why.
+
+    Args:
+        cfg: the config (`parallel.strategy`).
+        mesh: the device mesh.
+        abstract_state: the train state's ShapeDtypeStructs.
+    Returns:
+        (strategy, reason).
+    """
+    strategy = cfg.parallel.strategy
+    if strategy != "auto":
+        return strategy, "set in the config"
+    from accelctl.devices import memory_limit
+
+    state_bytes = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(abstract_state))
+    limit = memory_limit(mesh.devices.flat[0])
+    if limit is None:
+        return "dp", "auto: the device reports no memory limit, so the state is replicated"
+    share = state_bytes / limit
+    if share <= AUTO_STATE_FRACTION:
+        return "dp", f"auto: the train state takes {share:.1%} of a device when replicated"
+    return "fsdp", f"auto: the train state would take {share:.1%} of a device when replicated"
+
+
+def _is_variable(x: Any) -> bool:
+    return isinstance(x, nnx.Variable)
+
+
+def fsdp_spec(shape: tuple[int, ...], data_size: int) -> P:
+    """Split the largest dimension that `data_size` divides over `data`; P() if none does."""
+    fits = [i for i, d in enumerate(shape) if d >= data_size and d % data_size == 0]
+    if not fits:
+        return P()
+    axis = max(fits, key=lambda i: shape[i])
+    return P(*(["data" if i == axis else None for i in range(len(shape))]))
+
+
+def tp_spec(shape: tuple[int, ...], names: tuple[str | None, ...] | None, mesh: Mesh) -> P:
+    """Map a weight's logical axis names through TP_RULES; an axis the mesh axis does not divide
+    (or an unnamed weight) stays whole."""
+    if not names or len(names) != len(shape):
+        return P()
+    axes = []
+    for dim, name in zip(shape, names, strict=True):
+        target = TP_RULES.get(name) if name is not None else None
+        axes.append(target if target is not None and dim % mesh.shape[target] == 0 else None)
+    return P(*axes)
+
+
 def state_shardings(mesh: Mesh, abstract_state: Any, strategy: str) -> Any:
-    """Shardings for every leaf of the train state under `strategy`.
+    """Shardings for every leaf of the train state under `strategy` (auto already resolved).
 
     Args:
         mesh: the device mesh.
-        abstract_state: the state's pytree of ShapeDtypeStructs (from `jax.eval_shape`).
-        strategy: "dp" (parameters and optimizer state replicated).
+        abstract_state: the TrainState of ShapeDtypeStructs (from `jax.eval_shape`).
+        strategy: dp, fsdp, tp or pmap.
     Returns:
-        A pytree of NamedShardings with the structure of `abstract_state`.
+        A TrainState-shaped pytree of NamedShardings. Only `params` and `opt_state` are ever
+        split; step, RNG, metric sums, model state (e.g. batch-norm statistics) stay replicated.
     """
-    if strategy != "dp":
-        raise NotImplementedError(f"strategy {strategy!r}")
-    return jax.tree.map(lambda _: replicated(mesh), abstract_state)
+    repl = replicated(mesh)
+    out = jax.tree.map(lambda _: repl, abstract_state)
+    if strategy in ("dp", "pmap"):
+        return out
+    if strategy not in ("fsdp", "tp"):
+        raise ValueError(f"unknown strategy {strategy!r}")
+
+    def spec(x: Any) -> P:
+        var = x if _is_variable(x) else None
+        shape = tuple((var.get_value() if var is not None else x).shape)
+        if strategy == "fsdp":
+            return fsdp_spec(shape, mesh.shape["data"])
+        names = var.get_metadata().get("logical_axes") if var is not None else None
+        return tp_spec(shape, names, mesh)
+
+    def shard(tree: Any) -> Any:
+        # Keep the Variable wrappers (their metadata carries the logical names) in the result.
+        return jax.tree.map(
+            lambda x: jax.tree.map(lambda _: NamedSharding(mesh, spec(x)), x),
+            tree,
+            is_leaf=_is_variable,
+        )
+
+    return out.replace(
+        params=shard(abstract_state.params), opt_state=shard(abstract_state.opt_state)
+    )

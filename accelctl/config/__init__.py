@@ -13,6 +13,7 @@ from accelctl.config.data import (
     NpzData,
     SyntheticData,
     TfdsData,
+    TokensData,
 )
 from accelctl.config.loading import load, load_text
 from accelctl.config.schema import (
@@ -30,6 +31,7 @@ from accelctl.config.schema import (
     ResNetConfig,
     ScheduleConfig,
     TrainConfig,
+    TransformerConfig,
 )
 from accelctl.config.source import ConfigError
 
@@ -54,7 +56,9 @@ __all__ = [
     "ScheduleConfig",
     "SyntheticData",
     "TfdsData",
+    "TokensData",
     "TrainConfig",
+    "TransformerConfig",
     "load",
     "load_text",
 ]

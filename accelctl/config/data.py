@@ -132,6 +132,58 @@ class TfdsData(_DataCommon):
     )
 
 
+class TokensData(_DataCommon):
+    source: Literal["tokens"] = Field(
+        description="Token sequences for next-token prediction (model: transformer): x = tokens "
+        "0..T-1, y = tokens 1..T of each window."
+    )
+    kind: Literal["synthetic", "text"] = Field(
+        "synthetic",
+        description="synthetic: sequences from a fixed random Markov chain (learnable, no "
+        "files); text: a text file read as bytes (byte-level, vocabulary 256).",
+    )
+    path: str | None = Field(
+        None, description="text: the file to read; its last eval_fraction of bytes is the eval set."
+    )
+    seq_len: PositiveInt = Field(
+        128, description="Tokens per example (T); must not exceed model.max_len."
+    )
+    num_train: PositiveInt | None = Field(
+        None,
+        description="Training sequences. synthetic: how many to generate (null = 4096); text: "
+        "use the first N windows of the training bytes (null = all of them).",
+    )
+    num_eval: PositiveInt | None = Field(
+        None,
+        description="Evaluation sequences. synthetic: null = 256; text: the first N windows of "
+        "the eval bytes (null = all of them).",
+    )
+    eval_fraction: Annotated[float, Field(gt=0.0, lt=1.0)] = Field(
+        0.1,
+        description="text: fraction of the file's bytes, taken from its end, kept for "
+        "evaluation (never trained on).",
+    )
+    vocab_size: Annotated[int, Field(ge=2)] = Field(
+        256, description="synthetic: number of distinct tokens; text is always 256 (bytes)."
+    )
+    seed: int = Field(0, description="synthetic: seed of the Markov chain and of the sequences.")
+
+    @model_validator(mode="after")
+    def _kind_fields(self) -> TokensData:
+        if self.kind == "text" and self.path is None:
+            raise ValueError("kind: text needs path (a text file, read as bytes)")
+        if self.kind == "synthetic" and self.path is not None:
+            raise ValueError("path is only read with kind: text; set kind: text or drop path")
+        if self.kind == "text" and self.vocab_size != 256:
+            raise ValueError(
+                f"text is byte-level, so its vocabulary is 256; drop vocab_size "
+                f"(got {self.vocab_size})"
+            )
+        if self.mean is not None or self.augment.enabled:
+            raise ValueError("token data takes no mean/std or augment (they apply to images)")
+        return self
+
+
 DataConfig = Annotated[
-    DigitsData | SyntheticData | NpzData | TfdsData, Field(discriminator="source")
+    DigitsData | SyntheticData | NpzData | TfdsData | TokensData, Field(discriminator="source")
 ]

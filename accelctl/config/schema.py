@@ -82,7 +82,50 @@ class ResNetConfig(_Section):
     activation: Activation = Field("relu", description="Non-linearity after each batch norm.")
 
 
-ModelConfig = Annotated[MLPConfig | CNNConfig | ResNetConfig, Field(discriminator="name")]
+class TransformerConfig(_Section):
+    name: Literal["transformer"] = Field(
+        description="Decoder-only GPT over token ids (data.source: tokens): pre-norm blocks of "
+        "causal self-attention and a gelu MLP; logits (batch, T, vocab)."
+    )
+    num_layers: PositiveInt = Field(2, description="Transformer blocks.")
+    num_heads: PositiveInt = Field(4, description="Attention heads; must divide embed_dim.")
+    embed_dim: PositiveInt = Field(128, description="Model width (embedding size).")
+    mlp_dim: PositiveInt | None = Field(
+        None, description="Hidden width of each block's MLP; null = 4 * embed_dim."
+    )
+    max_len: PositiveInt = Field(
+        1024, description="Longest sequence (positions); data.seq_len must not exceed it."
+    )
+    positions: Literal["learned", "rotary"] = Field(
+        "learned",
+        description="learned: a position embedding added to the tokens (GPT-2); rotary: RoPE "
+        "applied to queries and keys.",
+    )
+    tie_embeddings: bool = Field(
+        True, description="Logits from the token embedding (x @ E.T) instead of a separate head."
+    )
+    dropout: Fraction = Field(
+        0.0, description="Dropout rate on the embeddings and residual branches (train only)."
+    )
+
+    @model_validator(mode="after")
+    def _heads_divide_width(self) -> TransformerConfig:
+        if self.embed_dim % self.num_heads:
+            raise ValueError(
+                f"embed_dim {self.embed_dim} is not divisible by num_heads {self.num_heads}; "
+                "each head gets embed_dim / num_heads dimensions, so pick values that divide"
+            )
+        if self.positions == "rotary" and (self.embed_dim // self.num_heads) % 2:
+            raise ValueError(
+                f"positions: rotary needs an even head size; embed_dim / num_heads = "
+                f"{self.embed_dim // self.num_heads}"
+            )
+        return self
+
+
+ModelConfig = Annotated[
+    MLPConfig | CNNConfig | ResNetConfig | TransformerConfig, Field(discriminator="name")
+]
 
 
 # ------------------------------------------------------------------------------------- optimizer
@@ -105,6 +148,12 @@ class OptimizerConfig(_Section):
     )
     clip_norm: PositiveFloat | None = Field(
         None, description="Clip gradients to this global norm before the update."
+    )
+    accumulate_steps: PositiveInt = Field(
+        1,
+        description="Split each batch into N micro-batches run one after another and sum their "
+        "gradients into one update (same update as the whole batch, less activation memory); "
+        "train.batch_size stays the examples per update.",
     )
 
     @model_validator(mode="after")
@@ -206,7 +255,9 @@ class TrainConfig(_Section):
 
 class MeshConfig(_Section):
     data: int = Field(-1, description="Devices on the data axis; -1 = all remaining.")
-    model: Literal[1] = Field(1, description="Devices on the model axis (1 until tp exists).")
+    model: PositiveInt = Field(
+        1, description="Devices on the model axis (tensor parallelism; strategy tp)."
+    )
 
     @model_validator(mode="after")
     def _data_size(self) -> MeshConfig:
@@ -216,18 +267,43 @@ class MeshConfig(_Section):
 
 
 class ParallelConfig(_Section):
-    strategy: Literal["dp"] = Field(
-        "dp", description="dp: batch sharded over the data axis, parameters replicated."
+    strategy: Literal["dp", "fsdp", "tp", "pmap", "auto"] = Field(
+        "dp",
+        description="dp: batch split over the data axis, parameters replicated; fsdp: "
+        "parameters and optimizer state also split over the data axis (each along its largest "
+        "dimension that divides), gathered by XLA when used; tp: weights split over the model "
+        "axis by their logical axis names (Megatron column/row), batch over data; pmap: dp "
+        "through jax.pmap; auto: dp while the replicated train state takes at most a quarter "
+        "of one device's memory, else fsdp.",
     )
     mesh: MeshConfig = Field(default_factory=MeshConfig, description="Mesh axis sizes.")
     num_devices: PositiveInt | None = Field(
         None, description="Use only the first N visible devices; null = all."
     )
 
+    @model_validator(mode="after")
+    def _model_axis_needs_tp(self) -> ParallelConfig:
+        if self.mesh.model > 1 and self.strategy != "tp":
+            raise ValueError(
+                f"mesh.model: {self.mesh.model} needs strategy: tp (the model axis only "
+                "splits weights under tensor parallelism); set mesh.model: 1 or strategy: tp"
+            )
+        return self
+
 
 class PrecisionConfig(_Section):
-    compute: Literal["fp32"] = Field("fp32", description="Compute dtype.")
+    compute: Literal["fp32", "bf16", "fp16"] = Field(
+        "fp32",
+        description="Compute dtype of the layers; bf16 needs no loss scaling, fp16 uses "
+        "dynamic loss scaling (overflowing steps are skipped and counted).",
+    )
     params: Literal["fp32"] = Field("fp32", description="Parameter and optimizer-state dtype.")
+    loss_scale: PositiveFloat = Field(
+        2.0**15, description="fp16: initial loss scale (a power of two)."
+    )
+    growth_interval: PositiveInt = Field(
+        2000, description="fp16: double the loss scale after this many overflow-free steps."
+    )
 
 
 class KeepBestConfig(_Section):

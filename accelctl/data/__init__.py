@@ -51,15 +51,27 @@ def build(cfg: Any) -> Dataset:
     return SOURCES[cfg.source](cfg)
 
 
-def make_put_fn(sharding: jax.sharding.Sharding) -> Callable[[HostBatch], dict[str, jax.Array]]:
+def make_put_fn(
+    sharding: jax.sharding.Sharding, *, per_device: int | None = None
+) -> Callable[[HostBatch], dict[str, jax.Array]]:
     """Return a function that places a process-local host batch on the devices.
 
     Args:
         sharding: the step's input sharding (batch dimension along the `data` mesh axis).
+        per_device: for `jax.pmap` steps, the number of devices: each array (B, ...) is
+            reshaped on the host to (per_device, B / per_device, ...), one row per device.
     Returns:
         fn(host_batch) -> dict of global jax.Arrays with that sharding. With several processes,
         each contributes its local rows (`make_array_from_process_local_data`).
     """
+    if per_device is not None:
+        n = per_device
+        plain = make_put_fn(sharding)
+
+        def put_rows(batch: HostBatch) -> dict[str, jax.Array]:
+            return plain({k: np.asarray(v).reshape(n, -1, *v.shape[1:]) for k, v in batch.items()})
+
+        return put_rows
     if jax.process_count() == 1:
 
         def put(batch: HostBatch) -> dict[str, jax.Array]:

@@ -142,8 +142,9 @@ def eval_batches(
         idx = np.arange(start, start + batch_size)[local]
         valid = idx < n
         x, y = split.take(np.where(valid, idx, 0))
+        keep = valid.reshape(valid.shape + (1,) * (y.ndim - 1))  # token targets are (B, T)
         yield {
             "x": x,
-            "y": np.where(valid, y, 0).astype(y.dtype),
+            "y": np.where(keep, y, 0).astype(y.dtype),
             "mask": valid.astype(np.float32),
         }

@@ -209,4 +209,17 @@ def load_tfds(cfg: Any) -> Dataset:
     return tfds_source.load(cfg)
 
 
-SOURCES = {"digits": load_digits, "synthetic": make_synthetic, "npz": load_npz, "tfds": load_tfds}
+def load_tokens(cfg: Any) -> Dataset:
+    """Token sequences (synthetic Markov chain or byte-level text) for the transformer."""
+    from accelctl.data import tokens  # imports this module: loaded when used, not at import
+
+    return tokens.load_tokens(cfg)
+
+
+SOURCES = {
+    "digits": load_digits,
+    "synthetic": make_synthetic,
+    "npz": load_npz,
+    "tfds": load_tfds,
+    "tokens": load_tokens,
+}

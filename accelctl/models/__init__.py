@@ -1,7 +1,8 @@
 """Models by name: `model: {name: mlp, ...}` in the config picks a builder from the registry.
 
 Every model is a Flax NNX module called as `model(x, train=..., rngs=...)` and returns logits of
-shape (batch, num_outputs). Inputs arrive already normalised to float32.
+shape (batch, num_outputs). Inputs arrive already normalised to float32; the transformer instead
+takes integer token ids (batch, T) and returns per-position logits (batch, T, vocab).
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from flax import nnx
 from accelctl.models.cnn import CNN
 from accelctl.models.mlp import MLP
 from accelctl.models.resnet import ResNet
+from accelctl.models.transformer import Transformer
 
 BuildFn = Callable[[Any, tuple[int, ...], int, nnx.Rngs, Any], nnx.Module]
 
@@ -50,7 +52,7 @@ def build(
     Args:
         cfg: the `model` config section (MLPConfig, CNNConfig, ResNetConfig, ...).
         input_shape: shape of one example, without the batch dimension.
-        num_outputs: number of logits (classes).
+        num_outputs: number of logits (classes; the vocabulary size for the transformer).
         rngs: parameter initialisation keys.
         dtype: compute dtype of the layers (None: float32); parameters are always float32.
     Returns:
@@ -107,6 +109,26 @@ def _build_resnet(
         zero_init_residual=cfg.zero_init_residual,
         num_outputs=num_outputs,
         activation=cfg.activation,
+        dtype=dtype,
+        rngs=rngs,
+    )
+
+
+@register("transformer")
+def _build_transformer(
+    cfg: Any, input_shape: tuple[int, ...], num_outputs: int, rngs: nnx.Rngs, dtype: Any
+) -> Transformer:
+    return Transformer(
+        input_shape,
+        num_outputs,
+        num_layers=cfg.num_layers,
+        num_heads=cfg.num_heads,
+        embed_dim=cfg.embed_dim,
+        mlp_dim=cfg.mlp_dim,
+        max_len=cfg.max_len,
+        positions=cfg.positions,
+        tie_embeddings=cfg.tie_embeddings,
+        dropout=cfg.dropout,
         dtype=dtype,
         rngs=rngs,
     )

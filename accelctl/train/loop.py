@@ -113,6 +113,14 @@ def _nonfinite(setup: Setup, state: TrainState, checkpointer: Checkpointer | Non
     )
 
 
+def _loss_scale_fields(state: TrainState) -> dict[str, Any]:
+    """fp16 runs: steps skipped for overflow and the loss scale at the end."""
+    if state.loss_scale is None:
+        return {}
+    ls = jax.device_get(state.loss_scale)
+    return {"overflow_steps": int(ls.overflows), "loss_scale": float(ls.scale)}
+
+
 def _describe(
     setup: Setup, state: TrainState, checkpointer: Checkpointer | None, done: int
 ) -> dict[str, Any]:
@@ -133,6 +141,10 @@ def _describe(
         "num_params": setup.num_params,
         "params_sha256": digest(jax.device_get((state.params, state.model_state))),
         "skipped_steps": int(jax.device_get(state.skipped)),
+        "strategy": setup.strategy,
+        "precision": setup.cfg.precision.compute,
+        "accumulate_steps": setup.cfg.optimizer.accumulate_steps,
+        **_loss_scale_fields(state),
         "data_cache": setup.cache_mode,
         # Where the input pipeline stands: a resumed run starts its data here.
         "data_position": data.DataPosition.at(
@@ -189,6 +201,10 @@ def run(
             raise _nonfinite(setup, state, checkpointer)
         loss, acc = _rates(sums)
         per_s = iv.steps / iv.seconds if iv.seconds > 0 else float("nan")
+        # fp16 loss scaling: steps skipped because the scaled gradients overflowed.
+        overflow = (
+            {"overflow": int(sums["overflow"])} if setup.cfg.precision.compute == "fp16" else {}
+        )
         writer.write(
             {
                 "event": "train",
@@ -198,6 +214,7 @@ def run(
                 "accuracy": acc if sums["count"] else float("nan"),
                 "lr": float(sums["lr"]),
                 "skipped": int(sums["skipped"]),
+                **overflow,
                 "steps_per_s": per_s,
                 "samples_per_s": per_s * batch,
                 "time_s": time.perf_counter() - wall0,

@@ -32,6 +32,7 @@ ALLOWED_CHANGES = (
     "data.read_threads",
     "data.data_dir",
     "parallel.num_devices",
+    "parallel.strategy",
     "parallel.mesh",
 )
 _ABSENT = object()

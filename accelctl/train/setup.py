@@ -19,7 +19,7 @@ import jax.numpy as jnp
 from flax import nnx
 from jax.sharding import Mesh
 
-from accelctl import data, models, optim, parallel
+from accelctl import data, models, optim, parallel, precision
 from accelctl.config import Config
 from accelctl.data import Dataset, Split
 from accelctl.errors import FieldError
@@ -51,7 +51,7 @@ class Setup:
     take_sums: Callable[..., Any]
     zero_eval_sums: Callable[[], Any]
     plateau_step: Callable[..., Any] | None
-    put_fn: Callable[[data.HostBatch], Any]
+    put_fn: Callable[[data.HostBatch], Any]  # eval batches (and train batches except under pmap)
     compile_time_s: float
     num_params: int
     cache_mode: str  # where the training split lives: device, host or none (streamed)
@@ -60,6 +60,9 @@ class Setup:
     traces: dict[str, int] = field(default_factory=dict)
     train_jit: Any = None  # the jitted (not compiled) train step, to lower for other shapes
     abstract_feed: Any = None  # what train_step was compiled for (ShapeDtypeStructs)
+    strategy: str = "dp"  # parallel.strategy with auto resolved
+    strategy_reason: str = ""
+    train_put_fn: Callable[[data.HostBatch], Any] | None = None  # host train batches
 
     def make_feed(self, start_step: int, num_steps: int) -> AbstractContextManager[Iterator[Any]]:
         """Return the iterator of train-step inputs for steps [start_step, num_steps).
@@ -87,7 +90,8 @@ class Setup:
             process_index=jax.process_index(),
             process_count=jax.process_count(),
         )
-        return data.Prefetcher(host_batches, self.put_fn, depth=self.cfg.data.prefetch)
+        put = self.train_put_fn or self.put_fn
+        return data.Prefetcher(host_batches, put, depth=self.cfg.data.prefetch)
 
 
 def _counted(fn: Callable[..., Any], name: str, traces: dict[str, int]) -> Callable[..., Any]:
@@ -108,6 +112,14 @@ def _check_sizes(cfg: Config, mesh: Mesh, ds: Dataset) -> tuple[int, int, int, i
     parallel.check_batch_size(
         cfg, mesh, eval_batch, "eval_batch_size" if cfg.train.eval_batch_size else "batch_size"
     )
+    k = cfg.optimizer.accumulate_steps
+    if batch % (k * mesh.shape["data"]):
+        raise cfg.error_at(
+            ("optimizer", "accumulate_steps"),
+            f"{k} micro-batches of a batch of {batch} do not each divide over the "
+            f"{mesh.shape['data']} devices of the data axis; train.batch_size must be a multiple "
+            f"of {k * mesh.shape['data']}",
+        )
     steps_per_epoch = len(ds.train) // batch
     if steps_per_epoch == 0:
         raise cfg.error_at(
@@ -120,6 +132,25 @@ def _check_sizes(cfg: Config, mesh: Mesh, ds: Dataset) -> tuple[int, int, int, i
 
 def _check_inputs(cfg: Config, ds: Dataset) -> None:
     shape = ds.input_shape
+    transformer = cfg.model.name == "transformer"
+    if ds.tokens and not transformer:
+        raise cfg.error_at(
+            ("model", "name"),
+            f"{ds.name} holds token ids, which only the transformer model reads; set "
+            "model.name: transformer",
+        )
+    if transformer and not ds.tokens:
+        raise cfg.error_at(
+            ("data", "source"),
+            f"the transformer model reads token ids, but {ds.name} examples are not tokens; use "
+            "data.source: tokens",
+        )
+    if transformer and shape[0] > cfg.model.max_len:  # type: ignore[union-attr]
+        raise cfg.error_at(
+            ("data", "seq_len"),
+            f"sequences of {shape[0]} tokens exceed model.max_len {cfg.model.max_len} "  # type: ignore[union-attr]
+            "(the positions the model has); lower data.seq_len or raise model.max_len",
+        )
     if cfg.data.augment.enabled and len(shape) not in (2, 3):
         raise cfg.error_at(
             ("data", "augment"),
@@ -138,6 +169,14 @@ def _check_inputs(cfg: Config, ds: Dataset) -> None:
 def _place_data(cfg: Config, mesh: Mesh, ds: Dataset) -> tuple[Dataset, str, str]:
     """Decide and apply the cache mode: decode streamed splits that are to be cached."""
     mode, reason = data.plan_cache(cfg.data.cache, ds.train, mesh)
+    if cfg.parallel.strategy == "pmap" and mode == "device":
+        if cfg.data.cache == "device":
+            raise cfg.error_at(
+                ("data", "cache"),
+                "device caching gathers batches inside a jit step; strategy pmap feeds each "
+                "device its rows from the host: use cache: host or auto",
+            )
+        mode, reason = "host", "strategy pmap feeds batches from the host"
     train, ev = ds.train, ds.eval
     if mode in ("device", "host") and not isinstance(train, Split):
         train = train.load()  # type: ignore[attr-defined]
@@ -168,8 +207,12 @@ def make_setup(cfg: Config, *, compile_train: bool = True) -> Setup:
     ds, cache_mode, cache_reason = _place_data(cfg, mesh, ds)
     opt = optim.build(cfg.optimizer, cfg.schedule, total)
 
+    dtype = precision.compute_dtype(cfg.precision)
+
     def make_model(key: jax.Array) -> nnx.Module:
-        return models.build(cfg.model, ds.input_shape, ds.num_classes, rngs=nnx.Rngs(params=key))
+        return models.build(
+            cfg.model, ds.input_shape, ds.num_classes, rngs=nnx.Rngs(params=key), dtype=dtype
+        )
 
     abstract_model = nnx.eval_shape(lambda: make_model(jax.random.key(0)))
     graphdef, _, _ = nnx.split(abstract_model, nnx.Param, ...)
@@ -188,9 +231,12 @@ def make_setup(cfg: Config, *, compile_train: bool = True) -> Setup:
             sums=zero_sums(TRAIN_SUM_KEYS),
             skipped=jnp.zeros((), jnp.int32),
             first_skipped=jnp.full((), -1, jnp.int32),
+            loss_scale=precision.init_loss_scale(cfg.precision),
         )
 
-    state_sh = parallel.state_shardings(mesh, jax.eval_shape(init), cfg.parallel.strategy)
+    abstract_state = jax.eval_shape(init)
+    strategy, strategy_reason = parallel.resolve_strategy(cfg, mesh, abstract_state)
+    state_sh = parallel.state_shardings(mesh, abstract_state, strategy)
     state = jax.jit(init, out_shardings=state_sh)()
     num_params = sum(int(x.size) for x in jax.tree.leaves(state.params))
 
@@ -205,10 +251,14 @@ def make_setup(cfg: Config, *, compile_train: bool = True) -> Setup:
         x_std=cfg.data.std,
         crop_padding=cfg.data.augment.crop_padding,
         flip=cfg.data.augment.flip,
+        accumulate_steps=cfg.optimizer.accumulate_steps,
+        micro_sharding=None if strategy == "pmap" else parallel.micro_batch_sharding(mesh),
+        axis_name="data" if strategy == "pmap" else None,
     )
     batch_sh, repl = parallel.batch_sharding(mesh), parallel.replicated(mesh)
     traces: dict[str, int] = {}
     step_fn = make_train_step(sc)
+    train_put_fn = None
     device_cache = None
     if cache_mode == "device":
         assert isinstance(ds.train, Split)
@@ -221,18 +271,32 @@ def make_setup(cfg: Config, *, compile_train: bool = True) -> Setup:
         }
     else:
         feed_sh = batch_sh
+        # pmap steps take one row of the batch per device: (devices, B / devices, ...).
+        lead = (mesh.size, batch // mesh.size) if strategy == "pmap" else (batch,)
+        y_shape = ds.train.example_shape if ds.tokens else ()
         abstract_feed = {
             "x": jax.ShapeDtypeStruct(
-                (batch, *ds.input_shape), ds.train.x_dtype, sharding=batch_sh
+                (*lead, *ds.input_shape), ds.train.x_dtype, sharding=batch_sh
             ),
-            "y": jax.ShapeDtypeStruct((batch,), jnp.int32, sharding=batch_sh),
+            "y": jax.ShapeDtypeStruct((*lead, *y_shape), jnp.int32, sharding=batch_sh),
         }
-    train_jit = jax.jit(
-        _counted(step_fn, "train_step", traces),
-        in_shardings=(state_sh, feed_sh),
-        out_shardings=(state_sh, repl),
-        donate_argnums=0,
-    )
+    if strategy == "pmap":
+        train_jit = jax.pmap(
+            _counted(step_fn, "train_step", traces),
+            axis_name="data",
+            in_axes=(None, 0),
+            out_axes=(None, None),
+            donate_argnums=0,
+            devices=list(mesh.devices.flat),
+        )
+        train_put_fn = data.make_put_fn(batch_sh, per_device=mesh.size)
+    else:
+        train_jit = jax.jit(
+            _counted(step_fn, "train_step", traces),
+            in_shardings=(state_sh, feed_sh),
+            out_shardings=(state_sh, repl),
+            donate_argnums=0,
+        )
     t0 = time.perf_counter()
     train_step = train_jit.lower(state, abstract_feed).compile() if compile_train else train_jit
     compile_time_s = time.perf_counter() - t0 if compile_train else 0.0
@@ -279,4 +343,7 @@ def make_setup(cfg: Config, *, compile_train: bool = True) -> Setup:
         traces=traces,
         train_jit=train_jit,
         abstract_feed=abstract_feed,
+        strategy=strategy,
+        strategy_reason=strategy_reason,
+        train_put_fn=train_put_fn,
     )

@@ -12,8 +12,9 @@ from flax import nnx, struct
 
 # Running sums since the last metric read; summed on device so the host reads them rarely.
 SUM_KEYS = ("loss_sum", "correct", "count")
-# Train sums also count the steps whose update was skipped (non-finite loss or gradients).
-TRAIN_SUM_KEYS = (*SUM_KEYS, "skipped")
+# Train sums also count the steps whose update was skipped: non-finite loss or gradients
+# ("skipped", train.on_nan decides), and fp16 gradient overflows ("overflow", loss scaling).
+TRAIN_SUM_KEYS = (*SUM_KEYS, "skipped", "overflow")
 
 
 @struct.dataclass
@@ -30,6 +31,7 @@ class TrainState:
         sums: float32 scalars {loss_sum, correct, count, skipped} since the last read.
         skipped: int32 scalar, steps whose update was skipped (non-finite) in the whole run.
         first_skipped: int32 scalar, the first such step (1-based, as logged), -1 if none.
+        loss_scale: precision.LossScale for fp16 compute, else None.
     """
 
     step: jax.Array
@@ -41,6 +43,7 @@ class TrainState:
     sums: dict[str, jax.Array]
     skipped: jax.Array
     first_skipped: jax.Array
+    loss_scale: Any = None
 
 
 def zero_sums(keys: tuple[str, ...] = SUM_KEYS) -> dict[str, jax.Array]:

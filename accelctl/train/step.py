@@ -37,6 +37,9 @@ class StepConfig:
     crop_padding: int = 0  # training-time augmentation (see data.augment)
     flip: bool = False
     token_inputs: bool = False  # integer token ids go to the model as they are
+    accumulate_steps: int = 1  # micro-batches per update (optimizer.accumulate_steps)
+    micro_sharding: Any = None  # sharding of a (k, B/k, ...) micro-batch stack under jit
+    axis_name: str | None = None  # pmap: the device axis gradients and sums are reduced over
 
 
 def _num_targets(y: jax.Array) -> jax.Array:
@@ -53,6 +56,13 @@ def _inputs(x: jax.Array, sc: StepConfig) -> jax.Array:
     if sc.x_mean is not None and sc.x_std is not None:
         x = (x - jnp.asarray(sc.x_mean, jnp.float32)) / jnp.asarray(sc.x_std, jnp.float32)
     return x
+
+
+def _split_micro(a: jax.Array, k: int, sharding: Any) -> jax.Array:
+    """(B, ...) -> (k, B/k, ...): micro-batch i holds examples i, i+k, i+2k, ..., so every
+    device keeps its own rows of a batch sharded along `data` (no data moves)."""
+    m = a.reshape(a.shape[0] // k, k, *a.shape[1:]).swapaxes(0, 1)
+    return jax.lax.with_sharding_constraint(m, sharding) if sharding is not None else m
 
 
 def _forward(
@@ -81,24 +91,25 @@ def make_train_step(sc: StepConfig) -> Callable[[TrainState, Batch], tuple[Train
         A pure function. batch: {"x": (B, ...), "y": (B,)} sharded along `data`. metrics:
         {"loss": scalar mean loss of this step}. The state's running sums are updated on device.
     """
-    loss_fn = LOSSES[sc.loss]
     opt = sc.optimizer
 
     def train_step(state: TrainState, batch: Batch) -> tuple[TrainState, Batch]:
         dropout_key, augment_key = jax.random.split(jax.random.fold_in(state.rng, state.step))
-        x = batch["x"]
+        if sc.axis_name is not None:  # pmap: every device draws its own masks
+            device = jax.lax.axis_index(sc.axis_name)
+            dropout_key = jax.random.fold_in(dropout_key, device)
+            augment_key = jax.random.fold_in(augment_key, device)
+        x, y = batch["x"], batch["y"]
         if sc.crop_padding or sc.flip:
             x = augment_images(x, rng=augment_key, crop_padding=sc.crop_padding, flip=sc.flip)
-
-        def objective(params: nnx.State, model_state: nnx.State) -> tuple[jax.Array, Any]:
-            logits, new_model_state = _forward(
-                sc, params, model_state, x, train=True, dropout_key=dropout_key
-            )
-            losses = loss_fn(logits, batch["y"], label_smoothing=sc.label_smoothing)
-            return jnp.mean(losses), (logits, new_model_state)
-
-        grad_fn = jax.value_and_grad(objective, has_aux=True)
-        (loss, (logits, model_state)), grads = grad_fn(state.params, state.model_state)
+        scale = state.loss_scale.scale if state.loss_scale is not None else None
+        model_state, grads, loss, n_correct = _gradients(sc, state, x, y, dropout_key, scale)
+        if scale is not None:
+            grads = jax.tree.map(lambda g: g / scale, grads)
+        n = _num_targets(y)
+        if sc.axis_name is not None:
+            grads, loss, model_state = jax.lax.pmean((grads, loss, model_state), sc.axis_name)
+            n_correct, n = jax.lax.psum((n_correct, n), sc.axis_name)
         updates, opt_state = opt.tx.update(grads, state.opt_state, state.params)
         plateau = state.plateau
         if opt.plateau is not None:
@@ -107,21 +118,31 @@ def make_train_step(sc: StepConfig) -> Callable[[TrainState, Batch], tuple[Train
             updates = jax.tree.map(lambda u: u * plateau.scale, updates)
         params = optax.apply_updates(state.params, updates)
         # A non-finite loss or gradient never reaches the state: the whole update is dropped
-        # (train.on_nan decides on the host whether the run stops or goes on).
-        finite = jnp.isfinite(loss) & jnp.isfinite(optax.tree.norm(grads))
+        # (train.on_nan decides on the host whether the run stops or goes on). Under fp16 loss
+        # scaling, non-finite gradients of a finite loss are an overflow: skipped, not an error.
+        loss_ok = jnp.isfinite(loss)
+        grads_ok = jnp.isfinite(optax.tree.norm(grads))
+        finite = loss_ok & grads_ok
+        loss_scale = state.loss_scale
+        if loss_scale is not None:
+            overflow, bad = loss_ok & ~grads_ok, ~loss_ok
+            loss_scale = loss_scale.adjust(grads_ok, overflow)
+        else:
+            overflow, bad = jnp.zeros((), bool), ~finite
         params, model_state, opt_state, plateau = _keep_if(
             finite,
             (params, model_state, opt_state, plateau),
             (state.params, state.model_state, state.opt_state, state.plateau),
         )
-        n = jnp.where(finite, _num_targets(batch["y"]), 0.0)
+        n = jnp.where(finite, n, 0.0)
         sums = {
             "loss_sum": state.sums["loss_sum"] + jnp.where(finite, loss, 0.0) * n,
-            "correct": state.sums["correct"] + jnp.sum(correct(logits, batch["y"])) * (n > 0),
+            "correct": state.sums["correct"] + n_correct * (n > 0),
             "count": state.sums["count"] + n,
-            "skipped": state.sums["skipped"] + (~finite).astype(jnp.float32),
+            "skipped": state.sums["skipped"] + bad.astype(jnp.float32),
+            "overflow": state.sums["overflow"] + overflow.astype(jnp.float32),
         }
-        first_bad = (state.first_skipped < 0) & ~finite
+        first_bad = (state.first_skipped < 0) & bad
         new_state = state.replace(
             step=state.step + 1,
             params=params,
@@ -129,12 +150,65 @@ def make_train_step(sc: StepConfig) -> Callable[[TrainState, Batch], tuple[Train
             opt_state=opt_state,
             plateau=plateau,
             sums=sums,
-            skipped=state.skipped + (~finite).astype(jnp.int32),
+            skipped=state.skipped + bad.astype(jnp.int32),
             first_skipped=jnp.where(first_bad, state.step + 1, state.first_skipped),
+            loss_scale=loss_scale,
         )
         return new_state, {"loss": loss}
 
     return train_step
+
+
+def _gradients(
+    sc: StepConfig,
+    state: TrainState,
+    x: jax.Array,
+    y: jax.Array,
+    dropout_key: jax.Array,
+    scale: jax.Array | None,
+) -> tuple[Any, Any, jax.Array, jax.Array]:
+    """Gradients of the mean loss over the batch, in `sc.accumulate_steps` micro-batches.
+
+    Returns:
+        (new model_state, grads (still multiplied by `scale` when given), mean loss, number of
+        correct predictions). With k micro-batches of equal size the mean of their gradients is
+        the gradient of the whole batch; `lax.scan` runs them one after another, so only one
+        micro-batch's activations are alive at a time.
+    """
+    loss_fn = LOSSES[sc.loss]
+
+    def objective(params: nnx.State, model_state: nnx.State, x: Any, y: Any, key: Any) -> Any:
+        logits, new_model_state = _forward(sc, params, model_state, x, train=True, dropout_key=key)
+        loss = jnp.mean(loss_fn(logits, y, label_smoothing=sc.label_smoothing))
+        scaled = loss * scale if scale is not None else loss
+        return scaled, (loss, jnp.sum(correct(logits, y)), new_model_state)
+
+    grad_fn = jax.value_and_grad(objective, has_aux=True)
+
+    def micro(model_state: Any, x: Any, y: Any, key: Any) -> tuple[Any, Any, Any, Any]:
+        (_, (loss, n_correct, model_state)), grads = grad_fn(state.params, model_state, x, y, key)
+        return model_state, grads, loss, n_correct
+
+    k = sc.accumulate_steps
+    if k == 1:
+        return micro(state.model_state, x, y, dropout_key)
+
+    def body(carry: Any, inputs: Any) -> tuple[Any, None]:
+        model_state, g_sum, loss_sum, correct_sum = carry
+        xi, yi, i = inputs
+        model_state, g, loss, n_correct = micro(
+            model_state, xi, yi, jax.random.fold_in(dropout_key, i)
+        )
+        g_sum = jax.tree.map(jnp.add, g_sum, g)
+        return (model_state, g_sum, loss_sum + loss, correct_sum + n_correct), None
+
+    xs, ys = (_split_micro(a, k, sc.micro_sharding) for a in (x, y))
+    zero = jnp.zeros((), jnp.float32)
+    init = (state.model_state, jax.tree.map(jnp.zeros_like, state.params), zero, zero)
+    (model_state, g_sum, loss_sum, correct_sum), _ = jax.lax.scan(
+        body, init, (xs, ys, jnp.arange(k))
+    )
+    return model_state, jax.tree.map(lambda g: g / k, g_sum), loss_sum / k, correct_sum
 
 
 def _keep_if(ok: jax.Array, new: Any, old: Any) -> Any:

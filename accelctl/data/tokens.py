@@ -1,0 +1,127 @@
+"""Token sequences for next-token prediction: a synthetic Markov chain or a byte-level text file.
+
+Each example is a window of T + 1 tokens: x = window[:-1] and y = window[1:], both (T,) int32, so
+the model's logit at position t is trained to predict token t + 1.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from accelctl.data.sources import Dataset, Split
+from accelctl.errors import FieldError
+
+SYNTHETIC_TRAIN = 4096  # sequences generated when num_train / num_eval are null
+SYNTHETIC_EVAL = 256
+SUCCESSORS = 4  # tokens that may follow each token in the synthetic chain
+BYTE_VOCAB = 256
+
+
+def _windows(tokens: np.ndarray, seq_len: int) -> tuple[np.ndarray, np.ndarray]:
+    """Cut non-overlapping windows of seq_len + 1 tokens; return x, y (N, seq_len) int32."""
+    n = len(tokens) // (seq_len + 1)
+    w = tokens[: n * (seq_len + 1)].reshape(n, seq_len + 1).astype(np.int32)
+    return w[:, :-1], w[:, 1:]
+
+
+def markov_sequences(
+    num: int, length: int, vocab_size: int, *, rng: np.random.Generator, table_seed: int
+) -> np.ndarray:
+    """Sample `num` sequences of `length` tokens from a fixed random first-order Markov chain.
+
+    Every token has up to `SUCCESSORS` possible next tokens with Dirichlet(1) probabilities, so the
+    next-token entropy (about 1 nat) is far below uniform's log(vocab_size) and a model can learn
+    it; the table is V x 4 rather than V x V, so GPT-2's 50257 tokens stay cheap.
+
+    Args:
+        num: sequences.
+        length: tokens per sequence; the first token is uniform.
+        vocab_size: V.
+        rng: draws the sequences.
+        table_seed: seeds the chain itself (the same for the train and eval sequences).
+    Returns:
+        (num, length) int32 token ids in [0, vocab_size).
+    """
+    table_rng = np.random.default_rng(table_seed)
+    k = min(SUCCESSORS, vocab_size)
+    # Repeated successors only merge their probabilities; drawing them independently is cheap.
+    succ = table_rng.integers(0, vocab_size, size=(vocab_size, k))
+    cum = np.cumsum(table_rng.dirichlet(np.ones(k), size=vocab_size), axis=1)
+    out = np.empty((num, length), np.int32)
+    out[:, 0] = rng.integers(0, vocab_size, num)
+    for t in range(1, length):
+        prev = out[:, t - 1]
+        choice = (rng.random(num)[:, None] > cum[prev]).sum(axis=1).clip(max=k - 1)
+        out[:, t] = succ[prev, choice]
+    return out
+
+
+def make_synthetic_tokens(cfg: Any) -> Dataset:
+    """Train and eval sequences from one seeded Markov chain (independent sequences)."""
+    n_train = cfg.num_train or SYNTHETIC_TRAIN
+    n_eval = cfg.num_eval or SYNTHETIC_EVAL
+    rng = np.random.default_rng([cfg.seed, 1])
+    seqs = markov_sequences(
+        n_train + n_eval, cfg.seq_len + 1, cfg.vocab_size, rng=rng, table_seed=cfg.seed
+    )
+    x, y = seqs[:, :-1], seqs[:, 1:]
+    train = Split(np.ascontiguousarray(x[:n_train]), np.ascontiguousarray(y[:n_train]))
+    ev = Split(np.ascontiguousarray(x[n_train:]), np.ascontiguousarray(y[n_train:]))
+    return Dataset(
+        "synthetic-tokens", train, ev, num_classes=cfg.vocab_size, x_scale=None, tokens=True
+    )
+
+
+def _take(x: np.ndarray, y: np.ndarray, num: int | None, field: str, path: Path) -> Split:
+    if num is not None and num > len(x):
+        raise FieldError(
+            ("data", field),
+            f"{num} sequences asked for, but {path} gives only {len(x)} windows of "
+            f"seq_len + 1 bytes there; lower data.{field} or set it to null (all)",
+        )
+    return Split(x[:num], y[:num])
+
+
+def load_text_tokens(cfg: Any) -> Dataset:
+    """A text file as bytes: the first (1 - eval_fraction) of it trains, the rest evaluates."""
+    path = Path(cfg.path)
+    if not path.is_file():
+        raise FieldError(
+            ("data", "path"), f"{path} does not exist. Set data.path to a text file to train on."
+        )
+    try:
+        data = np.frombuffer(path.read_bytes(), np.uint8)
+    except OSError as e:
+        raise FieldError(("data", "path"), f"{path} could not be read ({e}).") from None
+    t = cfg.seq_len
+    n_eval_bytes = round(len(data) * cfg.eval_fraction)
+    # The split is by position, so no eval byte is ever trained on.
+    train_x, train_y = _windows(data[: len(data) - n_eval_bytes], t)
+    eval_x, eval_y = _windows(data[len(data) - n_eval_bytes :], t)
+    if len(train_x) == 0 or len(eval_x) == 0:
+        f = cfg.eval_fraction
+        need = int(np.ceil((t + 1) / min(f, 1.0 - f)))
+        raise FieldError(
+            ("data", "path"),
+            f"{path} has {len(data)} bytes: too short for one training and one eval window of "
+            f"seq_len + 1 = {t + 1} bytes with eval_fraction {f} (needs about {need} bytes). "
+            "Use a longer file or lower data.seq_len.",
+        )
+    train = _take(train_x, train_y, cfg.num_train, "num_train", path)
+    ev = _take(eval_x, eval_y, cfg.num_eval, "num_eval", path)
+    return Dataset(path.stem, train, ev, num_classes=BYTE_VOCAB, x_scale=None, tokens=True)
+
+
+def load_tokens(cfg: Any) -> Dataset:
+    """The `tokens` source: synthetic Markov sequences or a byte-level text file.
+
+    Returns:
+        Dataset with x, y (N, seq_len) int32 (y = x shifted left by one), num_classes = the
+        vocabulary size and tokens=True.
+    Raises:
+        FieldError: the text file is missing, unreadable or too short.
+    """
+    return load_text_tokens(cfg) if cfg.kind == "text" else make_synthetic_tokens(cfg)
