@@ -35,10 +35,12 @@ LOOP_SECONDS = 2.0
 ROOT = Path(__file__).resolve().parents[1]
 # The built-in suite: shipped configs, their tfds data swapped for synthetic data of the same
 # shape (so it runs offline and measures the step, not a data set).
+# The GPT workload's config already uses synthetic tokens; gpt_small (configs/) is the GPU one.
 BUILTIN = {
     "mnist_mlp": ("mnist_mlp.yaml", [28, 28, 1]),
     "mnist_cnn": ("mnist_cnn.yaml", [28, 28, 1]),
     "cifar10_resnet": ("cifar10_resnet.yaml", [32, 32, 3]),
+    "gpt_tiny": ("gpt_tiny.yaml", None),
 }
 
 
@@ -52,6 +54,8 @@ def builtin_config(name: str, *, num_train: int = 60000, dtype: str = "uint8") -
     """
     file, shape = BUILTIN[name]
     cfg = yaml.safe_load((ROOT / "configs" / file).read_text())
+    if shape is None:
+        return cfg
     kept = {k: v for k, v in cfg["data"].items() if k in ("augment", "mean", "std", "prefetch")}
     cfg["data"] = {
         "source": "synthetic",
@@ -86,7 +90,8 @@ def _workload_config(
     cfg["precision"] = {**cfg.get("precision", {}), "compute": precision}
     cfg["checkpoint"] = {"enabled": False}
     data = dict(cfg["data"])
-    if data.get("source") == "synthetic":
+    synthetic_tokens = data.get("source") == "tokens" and data.get("kind") != "text"
+    if data.get("source") == "synthetic" or synthetic_tokens:
         # Enough examples for the steps without repeating an epoch too often; small to set up.
         data["num_train"] = min(
             int(data.get("num_train", 60000)), max(train.get("batch_size", 128) * 16, 1024)
@@ -202,10 +207,11 @@ def bench_workload(name: str, cfg: Config, *, steps: int, warmup: int) -> dict[s
     host_batch = next(
         data.train_batches(setup.dataset.train, setup.batch_size, seed=0, start_step=0, num_steps=1)
     )
-    batch = setup.put_fn(host_batch)
+    batch = (setup.train_put_fn or setup.put_fn)(host_batch)
     bare = _bare_step(setup, batch, steps=steps, warmup=warmup)
     devices = int(setup.mesh.devices.size)
     device = setup.mesh.devices.flat[0]
+    tokens = setup.dataset.input_shape[0] if setup.dataset.tokens else None
     per_device = float((setup.train_step.cost_analysis() or {}).get("flops", 0.0))
     flops = per_device * devices  # the partitioned program's count, times its copies
     flops_per_s = flops / bare["median"] if flops else None
@@ -222,6 +228,7 @@ def bench_workload(name: str, cfg: Config, *, steps: int, warmup: int) -> dict[s
         "workload": name,
         "batch_size": setup.batch_size,
         "precision": cfg.precision.compute,
+        "strategy": setup.strategy,
         "devices": devices,
         "device_kind": device.device_kind,
         "platform": device.platform,
@@ -231,6 +238,8 @@ def bench_workload(name: str, cfg: Config, *, steps: int, warmup: int) -> dict[s
         "compile_s": {"cold": cold, "warm": warm},
         "step_time_s": {k: bare[k] for k in ("median", "p90", "min", "mean")},
         "samples_per_s": setup.batch_size / bare["median"],
+        # Language models: positions predicted per second (samples/s x sequence length).
+        "tokens_per_s": setup.batch_size * tokens / bare["median"] if tokens else None,
         "pipelined_samples_per_s": bare_rate,
         "flops_per_step": flops or None,
         "flops_per_s": flops_per_s,
@@ -247,6 +256,11 @@ def bench_workload(name: str, cfg: Config, *, steps: int, warmup: int) -> dict[s
     }
 
 
+def _target_shape(setup: Any) -> tuple[int, ...]:
+    """One example's targets: () for a class label, (T,) for next-token targets."""
+    return setup.dataset.input_shape if setup.dataset.tokens else ()
+
+
 def _fits(setup: Any, batch: int, limit: int) -> tuple[bool, int]:
     """Compile the train step for `batch` from abstract shapes; (fits, bytes per device)."""
     import jax
@@ -258,7 +272,7 @@ def _fits(setup: Any, batch: int, limit: int) -> tuple[bool, int]:
         "x": jax.ShapeDtypeStruct(
             (batch, *setup.dataset.input_shape), setup.dataset.train.x_dtype, sharding=sh
         ),
-        "y": jax.ShapeDtypeStruct((batch,), np.int32, sharding=sh),
+        "y": jax.ShapeDtypeStruct((batch, *_target_shape(setup)), np.int32, sharding=sh),
     }
     compiled = setup.train_jit.lower(setup.state, feed).compile()
     need = _memory(compiled, None)["total_bytes"] or 0

@@ -93,6 +93,7 @@ ROW_FIELDS = {
     "workload",
     "batch_size",
     "precision",
+    "strategy",
     "devices",
     "device_kind",
     "platform",
@@ -102,6 +103,7 @@ ROW_FIELDS = {
     "compile_s",
     "step_time_s",
     "samples_per_s",
+    "tokens_per_s",
     "pipelined_samples_per_s",
     "flops_per_step",
     "flops_per_s",
@@ -218,7 +220,7 @@ def test_flops_grow_with_the_batch(result):
 # --- the built-in suite (configs only: running it is too slow here) -----------------------------
 
 
-@pytest.mark.parametrize("name", sorted(bench.BUILTIN))
+@pytest.mark.parametrize("name", ["mnist_mlp", "mnist_cnn", "cifar10_resnet"])
 def test_builtin_config_loads_with_synthetic_data(name):
     d = bench.builtin_config(name)
     cfg = config_mod.load_text(yaml.safe_dump(d), "x")
@@ -237,7 +239,34 @@ def test_builtin_config_options():
     d = bench.builtin_config("mnist_mlp", num_train=1000, dtype="float32")
     cfg = config_mod.load_text(yaml.safe_dump(d), "x")
     assert cfg.data.num_train == 1000 and cfg.data.dtype == "float32"
-    assert set(bench.BUILTIN) == {"mnist_mlp", "mnist_cnn", "cifar10_resnet"}
+    assert set(bench.BUILTIN) == {"mnist_mlp", "mnist_cnn", "cifar10_resnet", "gpt_tiny"}
+
+
+def test_builtin_gpt_is_the_shipped_config_on_synthetic_tokens():
+    d = bench.builtin_config("gpt_tiny")
+    assert d == yaml.safe_load((ROOT / "configs" / "gpt_tiny.yaml").read_text())
+    cfg = config_mod.load_text(yaml.safe_dump(d), "x")
+    assert cfg.data.source == "tokens" and cfg.data.kind == "synthetic"
+
+
+def test_token_workloads_report_tokens_per_second(result):
+    gpt = {
+        "model": {
+            "name": "transformer",
+            "num_layers": 1,
+            "num_heads": 2,
+            "embed_dim": 16,
+            "max_len": 8,
+        },
+        "data": {"source": "tokens", "seq_len": 8, "vocab_size": 11, "num_train": 256},
+        "train": {"batch_size": 16},
+    }
+    (row,) = bench.run_bench([("gpt", gpt)], precisions=["bf16"], steps=STEPS, warmup=WARMUP)[
+        "results"
+    ]
+    assert row["precision"] == "bf16" and row["strategy"] == "dp"
+    assert row["tokens_per_s"] == pytest.approx(row["samples_per_s"] * 8)
+    assert all(r["tokens_per_s"] is None for r in result["results"])  # image workloads
 
 
 # --- compare ------------------------------------------------------------------------------------
@@ -578,7 +607,7 @@ print(sum(p.is_file() for p in pathlib.Path(r["compile_cache"]).rglob("*")))
 
 
 def test_cli_rejects_bf16(tiny_file):
-    assert_user_error(invoke("bench", str(tiny_file), "--precision", "bf16"), "bf16", "fp32")
+    assert_user_error(invoke("bench", str(tiny_file), "--precision", "fp8"), "fp8", "bf16")
 
 
 def test_cli_find_max_batch_needs_memory_limit_on_cpu(tiny_file):

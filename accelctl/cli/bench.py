@@ -18,14 +18,17 @@ EXIT_REGRESSION = 4
 def bench_command(
     configs: Annotated[
         list[Path] | None,
-        typer.Argument(help="Config files; none = the built-in suite (MLP, CNN, ResNet-20)."),
+        typer.Argument(
+            help="Config files; none = the built-in suite (MLP, CNN, ResNet-20, tiny GPT)."
+        ),
     ] = None,
     batch_size: Annotated[
         list[int] | None,
         typer.Option("--batch-size", help="Global batch size (repeatable); default: the config's."),
     ] = None,
     precision: Annotated[
-        list[str] | None, typer.Option("--precision", help="Compute dtype (repeatable): fp32.")
+        list[str] | None,
+        typer.Option("--precision", help="Compute dtype (repeatable): fp32, bf16, fp16."),
     ] = None,
     steps: Annotated[int, typer.Option("--steps", min=2, help="Timed steps.")] = 50,
     warmup: Annotated[int, typer.Option("--warmup", min=0, help="Untimed warm-up steps.")] = 5,
@@ -64,8 +67,8 @@ def bench_command(
             set_cpu_devices(cpu_devices)
         workloads = _workloads(configs or [])
         for p in precision or []:
-            if p != "fp32":
-                raise UserError(f"--precision {p}: only fp32 exists so far")
+            if p not in ("fp32", "bf16", "fp16"):
+                raise UserError(f"--precision {p}: choose fp32, bf16 or fp16")
         if find_max_batch:
             limit = int(memory_limit) if memory_limit is not None else None
             return bench.find_max_batches(workloads, memory_limit=limit)
@@ -183,7 +186,8 @@ def _render(result: dict[str, Any]) -> None:
             r["precision"],
             f"{r['compile_s']['cold']:.2f}/{r['compile_s']['warm']:.2f}",
             f"{st['median'] * 1e3:.2f}/{st['p90'] * 1e3:.2f}",
-            f"{r['samples_per_s']:.0f}",
+            f"{r['samples_per_s']:.0f}"
+            + (f" ({r['tokens_per_s'] / 1e3:.0f}k tok/s)" if r.get("tokens_per_s") else ""),
             f"{r['flops_per_s'] / 1e12:.3f}" if r["flops_per_s"] else "n/a",
             f"{r['mfu']:.1%}" if r["mfu"] is not None else "n/a",
             f"{mem['total_bytes'] / 1e6:.1f}",
