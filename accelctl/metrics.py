@@ -1,4 +1,4 @@
-"""Metric writers behind one protocol: Rich progress, JSON lines, or nothing.
+"""Metric writers behind one protocol: Rich progress, JSON lines, TensorBoard, or nothing.
 
 Rich is used only here and in `cli/`. Logs go to stderr; results go to stdout or `--json`.
 """
@@ -53,6 +53,59 @@ class JsonlWriter:
 
     def close(self) -> None:
         self._file.close()
+
+
+TENSORBOARD_DIR = "tensorboard"
+
+# Event fields logged as TensorBoard scalars, per event kind ("train/loss", "eval/accuracy", ...).
+_TB_SCALARS = {
+    "train": ("loss", "accuracy", "lr", "steps_per_s", "samples_per_s", "overflow", "skipped"),
+    "eval": ("loss", "accuracy"),
+}
+
+
+class TensorBoardWriter:
+    """Logs train/eval events as TensorBoard scalars at `global_step=event["step"]` (tensorboardX,
+    no TensorFlow needed); other events and NaN values are left out.
+
+    Each event is flushed at once, as in `metrics.jsonl`, so a killed run loses none of them. A
+    resumed run passes `purge_step`: TensorBoard then hides the steps from there on that the
+    interrupted run logged in its older event files, and shows the resumed run's values instead.
+
+    Args:
+        log_dir: folder of the event files (created if missing).
+        purge_step: first step the resumed run logs again; None for a fresh run.
+    """
+
+    def __init__(self, log_dir: Path, *, purge_step: int | None = None) -> None:
+        from tensorboardX import SummaryWriter
+
+        # Event file names carry the time in whole seconds only. The step the file starts from
+        # keeps a run resumed within the same second from overwriting the previous file, and
+        # TensorBoard (which reads the files in name order) reading them out of order.
+        self._writer: Any = SummaryWriter(
+            str(log_dir), purge_step=purge_step, filename_suffix=f".{purge_step or 0:010d}"
+        )
+        self._closed = False
+
+    def start(self, total_steps: int, description: str) -> None:
+        pass
+
+    def write(self, event: Event) -> None:
+        kind = event.get("event")
+        if kind not in _TB_SCALARS:
+            return
+        for key in _TB_SCALARS[kind]:
+            value = event.get(key)
+            if value is None or math.isnan(value):
+                continue
+            self._writer.add_scalar(f"{kind}/{key}", float(value), global_step=int(event["step"]))
+        self._writer.flush()
+
+    def close(self) -> None:
+        if not self._closed:  # the loop and `train()` both close the writers
+            self._closed = True
+            self._writer.close()
 
 
 def _fmt(value: Any, spec: str = ".4f") -> str:

@@ -14,9 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
 import sys
-import tempfile
 from pathlib import Path
 
 import yaml
@@ -26,6 +24,7 @@ sys.path.insert(0, str(ROOT))
 
 from bench_overhead import report_header, write_lines  # noqa: E402  (scripts/ is on sys.path)
 
+from accelctl import compare  # noqa: E402
 from accelctl.bench import BUILTIN, builtin_config  # noqa: E402
 
 STRATEGIES = ("dp", "fsdp", "tp", "pmap")
@@ -39,21 +38,17 @@ def workload_config(name: str) -> dict:
 
 
 def measure(name: str, strategy: str, precision: str, args: argparse.Namespace) -> dict:
-    """One `accelctl bench` process; its result row, or {"error": ...}."""
+    """One `accelctl bench` process (compare.measure); its result row, or {"error": ...}."""
+    dset = {
+        "platform": "cpu" if args.cpu_devices else None,
+        "devices": args.cpu_devices,
+        "strategy": strategy,
+        "model": 2 if strategy == "tp" else 1,
+    }
     cfg = workload_config(name)
-    parallel = {"strategy": strategy, "mesh": {"data": -1, "model": 2 if strategy == "tp" else 1}}
-    cfg["parallel"] = {**cfg.get("parallel", {}), **parallel}
-    with tempfile.TemporaryDirectory() as tmp:
-        path = Path(tmp) / f"{Path(name).stem}.yaml"
-        path.write_text(yaml.safe_dump(cfg))
-        cmd = [sys.executable, "-m", "accelctl", "bench", str(path), "--json", "-"]
-        cmd += ["--precision", precision, "--steps", str(args.steps), "--warmup", str(args.warmup)]
-        if args.cpu_devices:
-            cmd += ["--cpu-devices", str(args.cpu_devices)]
-        out = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
-    if out.returncode != 0:
-        return {"error": (out.stderr.strip().splitlines() or ["failed"])[-1]}
-    return json.loads(out.stdout)["results"][0]
+    return compare.measure(
+        cfg, dset, steps=args.steps, warmup=args.warmup, timeout=3600, precision=precision
+    )
 
 
 def main() -> None:

@@ -52,6 +52,7 @@ def test_train_synthetic_end_to_end(tiny_file, tmp_path):
         "metrics.jsonl",
         "summary.json",
         "checkpoints",
+        "tensorboard",
     }
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary == json.loads((tmp_path / "s.json").read_text())

@@ -8,8 +8,11 @@ import typer
 
 from accelctl import __version__
 from accelctl.cli.bench import bench_command
+from accelctl.cli.compare import compare_command
 from accelctl.cli.data import app as data_app
+from accelctl.cli.env import env_command
 from accelctl.cli.eval import eval_command
+from accelctl.cli.plot import plot_command
 from accelctl.cli.train import train_command
 
 app = typer.Typer(
@@ -41,7 +44,10 @@ def _root(
 
 app.command("train")(train_command)
 app.command("eval")(eval_command)
+app.command("plot")(plot_command)
 app.command("bench")(bench_command)
+app.command("env")(env_command)
+app.command("compare-devices")(compare_command)
 app.add_typer(data_app, name="data")
 
 

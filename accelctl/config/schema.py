@@ -345,6 +345,9 @@ class CheckpointConfig(_Section):
 class OutputConfig(_Section):
     root: str = Field("runs", description="Parent folder of default run directories.")
     name: str | None = Field(None, description="Run name prefix; null = the config file's name.")
+    tensorboard: bool = Field(
+        True, description="Also write TensorBoard event files into <run dir>/tensorboard/."
+    )
 
 
 class Config(_Section):

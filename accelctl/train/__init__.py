@@ -12,7 +12,15 @@ from typing import Any
 from accelctl.checkpoint import CHECKPOINT_DIR, complete_steps, incomplete_checkpoints
 from accelctl.config import Config
 from accelctl.errors import Preempted, UserError
-from accelctl.metrics import JsonlWriter, MetricWriter, MultiWriter, NullWriter, ProgressWriter
+from accelctl.metrics import (
+    TENSORBOARD_DIR,
+    JsonlWriter,
+    MetricWriter,
+    MultiWriter,
+    NullWriter,
+    ProgressWriter,
+    TensorBoardWriter,
+)
 
 _OUTPUTS = ("config.yaml", "metrics.jsonl", "summary.json", CHECKPOINT_DIR)
 
@@ -71,8 +79,8 @@ def train(
 
     Args:
         cfg: validated config.
-        run_dir: where config.yaml, metrics.jsonl, summary.json and checkpoints/ go. A fresh run
-            needs it free of a previous run; a resumed one continues the run there.
+        run_dir: where config.yaml, metrics.jsonl, tensorboard/, summary.json and checkpoints/
+            go. A fresh run needs it free of a previous run; a resumed one continues the run there.
         quiet: no progress output.
         description: progress-bar label.
         resume: continue from the newest good checkpoint in run_dir (also with
@@ -137,6 +145,10 @@ def train(
         writers.append(JsonlWriter(run_dir / "metrics.jsonl"))
         if resume_event is not None:
             writers[0].write(resume_event)
+        if cfg.output.tensorboard:
+            # metrics.jsonl keeps the events up to `start`; TensorBoard hides the later ones.
+            purge = None if resume_event is None else start + 1
+            writers.append(TensorBoardWriter(run_dir / TENSORBOARD_DIR, purge_step=purge))
         if not quiet:
             writers.append(ProgressWriter())
     writer = MultiWriter(writers) if writers else NullWriter()

@@ -1,0 +1,175 @@
+"""Figures of training runs from their `metrics.jsonl`: loss, accuracy, learning rate, throughput.
+
+matplotlib is imported only when a figure is drawn, and only its object-oriented API with the Agg
+canvas is used: no pyplot, no display, no global backend switch.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from accelctl.errors import UserError
+
+METRICS_FILE = "metrics.jsonl"
+DEFAULT_NAME = "plot.png"
+
+# (title, event field, y label, event kinds drawn): one panel each, in reading order.
+PANELS: tuple[tuple[str, str, str, tuple[str, ...]], ...] = (
+    ("Loss", "loss", "loss", ("train", "eval")),
+    ("Accuracy", "accuracy", "accuracy", ("train", "eval")),
+    ("Learning rate", "lr", "learning rate", ("train",)),
+    ("Throughput", "samples_per_s", "samples / s", ("train",)),
+)
+_STYLE: dict[str, dict[str, Any]] = {
+    "train": {"linestyle": "-"},
+    "eval": {"linestyle": "--", "marker": "o", "markersize": 4},
+}
+
+
+@dataclass(frozen=True)
+class RunMetrics:
+    """The train and eval events of one run directory, in logged order."""
+
+    name: str
+    path: Path
+    train: list[dict[str, Any]]
+    eval: list[dict[str, Any]]
+
+
+def read_run(run_dir: Path, name: str | None = None) -> RunMetrics:
+    """Read a run directory's metrics.jsonl.
+
+    A torn last line (a killed run) and events other than train/eval are skipped.
+
+    Raises:
+        UserError: the folder or its metrics.jsonl is missing, or it holds no train event.
+    """
+    if not run_dir.is_dir():
+        what = "is not a directory" if run_dir.exists() else "does not exist"
+        raise UserError(
+            f"{run_dir} {what}; give the run directory of an `accelctl train` run (the folder "
+            f"that holds {METRICS_FILE})"
+        )
+    path = run_dir / METRICS_FILE
+    if not path.is_file():
+        raise UserError(
+            f"{run_dir} holds no {METRICS_FILE} ({path} is missing); is it the run directory of "
+            "an `accelctl train` run?"
+        )
+    events: dict[str, list[dict[str, Any]]] = {"train": [], "eval": []}
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            event = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(event, dict) and event.get("event") in events and "step" in event:
+            events[event["event"]].append(event)
+    if not events["train"]:
+        raise UserError(
+            f"{path} holds no train events yet: there is nothing to plot (a run logs one every "
+            "train.log_every steps)"
+        )
+    return RunMetrics(name or run_dir.name, run_dir, events["train"], events["eval"])
+
+
+def _points(events: list[dict[str, Any]], key: str) -> tuple[list[int], list[float]]:
+    """(steps, values) of one field; missing and NaN values (e.g. no rate yet) left out."""
+    steps: list[int] = []
+    values: list[float] = []
+    for event in events:
+        value = event.get(key)
+        if value is not None and not math.isnan(value):
+            steps.append(int(event["step"]))
+            values.append(float(value))
+    return steps, values
+
+
+def make_figure(runs: Sequence[RunMetrics]) -> Any:
+    """Draw the runs overlaid (one colour each) on a 2x2 grid of PANELS, x axis = step.
+
+    Returns:
+        A matplotlib `Figure` on an Agg canvas, one axes per panel.
+    """
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+    from matplotlib.lines import Line2D
+
+    fig = Figure(figsize=(12, 8), layout="constrained")
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(2, 2, sharex=True).flat
+    colours = [f"C{i % 10}" for i in range(len(runs))]
+    for ax, (title, key, ylabel, kinds) in zip(axes, PANELS, strict=True):
+        for run, colour in zip(runs, colours, strict=True):
+            for kind in kinds:
+                steps, values = _points(getattr(run, kind), key)
+                ax.plot(steps, values, color=colour, **_STYLE[kind])
+        ax.set_title(title + (" (train and eval)" if len(kinds) > 1 else ""))
+        ax.set_ylabel(ylabel)
+        ax.grid(True, alpha=0.3)
+        if len(kinds) > 1:
+            styles = [Line2D([], [], color="0.3", **_STYLE[kind]) for kind in kinds]
+            ax.legend(styles, kinds, loc="best", fontsize="small")
+    for ax in fig.axes[-2:]:
+        ax.set_xlabel("step")
+    handles = [Line2D([], [], color=c, linewidth=2) for c in colours]
+    fig.legend(handles, [r.name for r in runs], loc="outside lower center", ncols=min(len(runs), 4))
+    fig.suptitle("Training metrics: " + ", ".join(r.name for r in runs[:4]))
+    return fig
+
+
+def plot_runs(run_dirs: Sequence[Path], output: Path | None = None) -> dict[str, Any]:
+    """Read runs' metrics.jsonl and write one figure comparing them.
+
+    Args:
+        run_dirs: run directories of `accelctl train` (at least one).
+        output: image to write (format from its suffix: png, pdf, svg, ...); default:
+            plot.png in the first run directory.
+    Returns:
+        {"path": the image written, "panels": number of panels, "runs": [{"name", "run_dir",
+        "train_events", "eval_events", "last_step"}]}.
+    Raises:
+        UserError: a run directory is unusable, or the output cannot be written there.
+    """
+    if not run_dirs:
+        raise UserError("no run directory given; name at least one")
+    names = [Path(d).name for d in run_dirs]
+    # Runs of the same folder name in different places are told apart by their whole path.
+    runs = [
+        read_run(Path(d), name=str(d) if names.count(n) > 1 else n)
+        for d, n in zip(run_dirs, names, strict=True)
+    ]
+    out = Path(output) if output is not None else runs[0].path / DEFAULT_NAME
+    if not out.parent.is_dir():
+        raise UserError(
+            f"-o {out}: the folder {out.parent} does not exist; create it or choose another path"
+        )
+    fig = make_figure(runs)
+    formats = fig.canvas.get_supported_filetypes()
+    if out.suffix.lstrip(".").lower() not in formats:
+        raise UserError(
+            f"-o {out}: unknown image format {out.suffix or '(no suffix)'}; use one of "
+            + ", ".join(f".{f}" for f in sorted(formats))
+        )
+    try:
+        fig.savefig(out, dpi=100)
+    except OSError as e:
+        raise UserError(f"-o {out}: cannot write the image ({e})") from None
+    return {
+        "path": str(out),
+        "panels": len(fig.axes),
+        "runs": [
+            {
+                "name": r.name,
+                "run_dir": str(r.path),
+                "train_events": len(r.train),
+                "eval_events": len(r.eval),
+                "last_step": r.train[-1]["step"],
+            }
+            for r in runs
+        ],
+    }
