@@ -145,11 +145,12 @@ def _check_inputs(cfg: Config, ds: Dataset) -> None:
             f"the transformer model reads token ids, but {ds.name} examples are not tokens; use "
             "data.source: tokens",
         )
-    if transformer and shape[0] > cfg.model.max_len:  # type: ignore[union-attr]
+    max_len = getattr(cfg.model, "max_len", None)
+    if transformer and max_len is not None and shape[0] > max_len:
         raise cfg.error_at(
             ("data", "seq_len"),
-            f"sequences of {shape[0]} tokens exceed model.max_len {cfg.model.max_len} "  # type: ignore[union-attr]
-            "(the positions the model has); lower data.seq_len or raise model.max_len",
+            f"sequences of {shape[0]} tokens exceed model.max_len {max_len} (the positions the "
+            "model has); lower data.seq_len or raise model.max_len",
         )
     if cfg.data.augment.enabled and len(shape) not in (2, 3):
         raise cfg.error_at(
