@@ -242,22 +242,19 @@ def test_resume_from_a_stored_position_continues_exactly(k: int) -> None:
 
 
 # ------------------------------------------------------------------------- epoch_batch_table
-@pytest.mark.parametrize("processes", [1, 2, 4])
-def test_epoch_batch_table_layout(processes: int) -> None:
+def test_epoch_batch_table_layout() -> None:
     n, batch = 50, 8
-    table = epoch_batch_table(n, batch, seed=3, epoch=0, process_count=processes)
+    table = epoch_batch_table(n, batch, seed=3, epoch=0)
     assert table.shape == (n // batch, batch) and table.dtype == np.int32
-    segments = table.reshape(n // batch, processes, batch // processes)
-    assert np.all(np.diff(segments, axis=2) > 0)  # each process's part sorted (and distinct)
+    # Rows sorted, so every process's contiguous part is sorted too (read locality), whatever
+    # the process count; the table itself never depends on it.
+    assert np.all(np.diff(table, axis=1) > 0)
     assert len(np.unique(table)) == table.size  # rows disjoint within the epoch
     assert table.min() >= 0 and table.max() < n
-    # Sorting per process keeps each row's set of examples (the global batch) the same.
-    one = epoch_batch_table(n, batch, seed=3, epoch=0)
-    np.testing.assert_array_equal(np.sort(table, axis=1), np.sort(one, axis=1))
 
 
 def test_epoch_batch_table_is_deterministic_and_differs_by_epoch() -> None:
-    a = epoch_batch_table(50, 8, seed=3, epoch=1, process_count=2)
-    np.testing.assert_array_equal(a, epoch_batch_table(50, 8, seed=3, epoch=1, process_count=2))
-    assert not np.array_equal(a, epoch_batch_table(50, 8, seed=3, epoch=2, process_count=2))
-    assert not np.array_equal(a, epoch_batch_table(50, 8, seed=4, epoch=1, process_count=2))
+    a = epoch_batch_table(50, 8, seed=3, epoch=1)
+    np.testing.assert_array_equal(a, epoch_batch_table(50, 8, seed=3, epoch=1))
+    assert not np.array_equal(a, epoch_batch_table(50, 8, seed=3, epoch=2))
+    assert not np.array_equal(a, epoch_batch_table(50, 8, seed=4, epoch=1))

@@ -26,24 +26,24 @@ def epoch_permutation(n: int, *, seed: int, epoch: int) -> np.ndarray:
     return np.random.default_rng([seed, epoch]).permutation(n)
 
 
-def epoch_batch_table(
-    n: int, batch_size: int, *, seed: int, epoch: int, process_count: int = 1
-) -> np.ndarray:
+def epoch_batch_table(n: int, batch_size: int, *, seed: int, epoch: int) -> np.ndarray:
     """Return the example indices of every global batch of one epoch.
+
+    Each row is sorted (better read locality). The table does not depend on the number of
+    processes: each takes a contiguous part of a row, which is sorted too, so the global batch
+    is the same examples in the same order on any process count (dropout masks then fall on the
+    same examples, and a multi-process run reproduces a single-process one).
 
     Args:
         n: examples in the split.
         batch_size: global batch size.
         seed, epoch: select the permutation (`epoch_permutation`).
-        process_count: each process's contiguous part of a row is sorted (better read locality);
-            row order across processes is kept, so the global batch is the same set of examples.
     Returns:
         int32 array (n // batch_size, batch_size); row i is the global batch of step i of the epoch.
     """
     steps = n // batch_size
     perm = epoch_permutation(n, seed=seed, epoch=epoch)[: steps * batch_size]
-    table = perm.reshape(steps, process_count, batch_size // process_count)
-    return np.sort(table, axis=2).reshape(steps, batch_size).astype(np.int32)
+    return np.sort(perm.reshape(steps, batch_size), axis=1).astype(np.int32)
 
 
 def _process_slice(batch_size: int, process_index: int, process_count: int) -> slice:
@@ -119,9 +119,7 @@ def train_batches(
     for step in range(start_step, num_steps):
         epoch, i = divmod(step, steps_per_epoch)
         if epoch != table_epoch:
-            table = epoch_batch_table(
-                len(split), batch_size, seed=seed, epoch=epoch, process_count=process_count
-            )
+            table = epoch_batch_table(len(split), batch_size, seed=seed, epoch=epoch)
             table_epoch = epoch
         assert table is not None
         x, y = split.take(table[i, local])
