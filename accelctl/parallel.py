@@ -113,7 +113,7 @@ def resolve_strategy(cfg: Config, mesh: Mesh, abstract_state: Any) -> tuple[str,
     from accelctl.devices import memory_limit
 
     state_bytes = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(abstract_state))
-    limit = memory_limit(mesh.devices.flat[0])
+    limit = memory_limit(mesh.local_devices[0])  # only this process's devices can be asked
     if limit is None:
         return "dp", "auto: the device reports no memory limit, so the state is replicated"
     share = state_bytes / limit

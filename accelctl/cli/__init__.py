@@ -12,6 +12,7 @@ from accelctl.cli.compare import compare_command
 from accelctl.cli.data import app as data_app
 from accelctl.cli.env import env_command
 from accelctl.cli.eval import eval_command
+from accelctl.cli.launch import launch_command
 from accelctl.cli.plot import plot_command
 from accelctl.cli.train import train_command
 
@@ -48,6 +49,9 @@ app.command("plot")(plot_command)
 app.command("bench")(bench_command)
 app.command("env")(env_command)
 app.command("compare-devices")(compare_command)
+app.command("launch", context_settings={"allow_extra_args": True, "ignore_unknown_options": True})(
+    launch_command
+)
 app.add_typer(data_app, name="data")
 
 

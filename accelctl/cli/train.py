@@ -35,6 +35,35 @@ def train_command(
     ] = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress output.")] = False,
     cpu_devices: CpuDevices = None,
+    coordinator: Annotated[
+        str | None,
+        typer.Option(
+            "--coordinator",
+            help="Multi-process: HOST:PORT of process 0 (or ACCELCTL_COORDINATOR; SLURM and "
+            "Open MPI are detected).",
+        ),
+    ] = None,
+    num_processes: Annotated[
+        int | None,
+        typer.Option("--num-processes", min=1, help="Multi-process: processes in the job."),
+    ] = None,
+    process_id: Annotated[
+        int | None, typer.Option("--process-id", min=0, help="Multi-process: this one's index.")
+    ] = None,
+    dist_timeout: Annotated[
+        int,
+        typer.Option(
+            "--dist-timeout", min=1, help="Seconds to wait for every process to join the job."
+        ),
+    ] = 300,
+    heartbeat_timeout: Annotated[
+        int,
+        typer.Option(
+            "--heartbeat-timeout",
+            min=1,
+            help="A process silent this long (dead or hung) makes the others fail.",
+        ),
+    ] = 100,
     debug: Debug = False,
 ) -> None:
     """Train a model as the config describes (or continue a run with --resume).
@@ -44,24 +73,44 @@ def train_command(
     """
 
     def go() -> dict:
-        from accelctl import compile_cache
+        from accelctl import compile_cache, distributed
         from accelctl import config as config_mod
         from accelctl.devices import set_cpu_devices
         from accelctl.train import default_run_dir, train
 
         if cpu_devices is not None:
             set_cpu_devices(cpu_devices)
+        spec = distributed.resolve(coordinator, num_processes, process_id)
+        if spec is not None and run_dir is None:
+            raise UserError(
+                "a multi-process run needs --run-dir: the same folder, on a filesystem every "
+                "process sees, for all of them (process 0 writes the logs; checkpoints are "
+                "written by all)"
+            )
+        if spec is not None:  # before anything else touches JAX
+            distributed.initialize(spec, timeout_s=dist_timeout, heartbeat_s=heartbeat_timeout)
         compile_cache.enable()
 
         cfg = config_mod.load(config, set_ or [])
         if resume and run_dir is None:
             raise UserError("--resume needs --run-dir: the run directory to continue")
         target = run_dir or default_run_dir(cfg, config.stem)
-        return train(cfg, run_dir=target, quiet=quiet, description=config.stem, resume=resume)
+        main = spec is None or _process_index() == 0
+        return train(
+            cfg, run_dir=target, quiet=quiet or not main, description=config.stem, resume=resume
+        )
 
     summary = run_guarded(go, debug=debug)
+    if _process_index() != 0:
+        return  # process 0 reports for the whole job
     if not write_json(summary, json_out):
         _render(summary, quiet=quiet)
+
+
+def _process_index() -> int:
+    import jax
+
+    return jax.process_index()
 
 
 def _render(summary: dict, *, quiet: bool) -> None:

@@ -42,15 +42,17 @@ def device_budget_bytes(mesh: Mesh) -> int:
     """Return the bytes a device-cached split may take in total over the mesh's devices.
 
     A quarter of the devices' memory limit; devices that report no limit (the CPU backend) share
-    host memory, so a quarter of the available host memory is used instead.
+    host memory, so a quarter of the available host memory is used instead. Only this process's
+    devices can be asked; the others are taken to be alike.
     """
     limits = []
-    for d in mesh.devices.flat:
+    local = mesh.local_devices
+    for d in local:
         stats = d.memory_stats() if hasattr(d, "memory_stats") else None
         if not stats or "bytes_limit" not in stats:
             return int(DEVICE_FRACTION * available_host_bytes())
         limits.append(int(stats["bytes_limit"]))
-    return int(DEVICE_FRACTION * sum(limits))
+    return int(DEVICE_FRACTION * sum(limits) * mesh.size / len(local))
 
 
 def plan_cache(requested: str, split: SplitLike, mesh: Mesh) -> tuple[str, str]:
@@ -172,9 +174,7 @@ class DeviceFeed:
 
     def _table(self, epoch: int) -> jax.Array:
         # Every process computes the same table, so each fills its devices' copy locally.
-        table = epoch_batch_table(
-            self.n, self.batch_size, seed=self.seed, epoch=epoch, process_count=jax.process_count()
-        )
+        table = epoch_batch_table(self.n, self.batch_size, seed=self.seed, epoch=epoch)
         return _put_global(table, NamedSharding(self.mesh, P()))
 
     def __iter__(self) -> Iterator[Feed]:

@@ -18,6 +18,7 @@ import jax
 import accelctl
 from accelctl import data
 from accelctl.checkpoint import Checkpointer
+from accelctl.distributed import any_process, host_value
 from accelctl.errors import NonFiniteLoss
 from accelctl.metrics import MetricWriter
 from accelctl.train.preempt import PreemptionGuard
@@ -113,6 +114,23 @@ def _nonfinite(setup: Setup, state: TrainState, checkpointer: Checkpointer | Non
     )
 
 
+def _preemption(guard: PreemptionGuard | None, done: int, total: int, every: int) -> str | None:
+    """The signal that stops the run after step `done`, or None.
+
+    With several processes all of them must stop (and checkpoint) at the same step, so they agree
+    every `every` steps (a tiny all-gather of each one's flag), not on every signal at once.
+    """
+    if guard is None or done >= total:
+        return None
+    if jax.process_count() == 1:
+        return guard.requested
+    if done % every:
+        return None
+    if any_process(guard.requested is not None):
+        return guard.requested or "SIGTERM (another process)"
+    return None
+
+
 def _loss_scale_fields(state: TrainState) -> dict[str, Any]:
     """fp16 runs: steps skipped for overflow and the loss scale at the end."""
     if state.loss_scale is None:
@@ -139,7 +157,7 @@ def _describe(
         "mesh": dict(setup.mesh.shape),
         "processes": jax.process_count(),
         "num_params": setup.num_params,
-        "params_sha256": digest(jax.device_get((state.params, state.model_state))),
+        "params_sha256": digest(host_value((state.params, state.model_state))),
         "skipped_steps": int(jax.device_get(state.skipped)),
         "strategy": setup.strategy,
         "precision": setup.cfg.precision.compute,
@@ -254,7 +272,7 @@ def run(
                 eval_time += time.perf_counter() - t0
                 last_flush += time.perf_counter() - t0
             # A signal during the last step changes nothing: the run completes normally.
-            preempted = guard.requested if guard is not None and done < total else None
+            preempted = _preemption(guard, done, total, tc.log_every)
             if checkpointer is not None and (preempted or checkpointer.due(done)):
                 # As for evaluation: queued train steps finish first, outside the timed wait.
                 jax.block_until_ready(state)

@@ -1,0 +1,63 @@
+"""`accelctl launch -n N CONFIG [train options]`: a multi-process training job on this host."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Literal
+
+import typer
+
+from accelctl.cli.common import Debug, run_guarded
+
+
+def launch_command(
+    ctx: typer.Context,
+    config: Annotated[Path, typer.Argument(help="YAML config file, as for `accelctl train`.")],
+    num_processes: Annotated[
+        int, typer.Option("-n", "--num-processes", min=1, help="Processes to start.")
+    ],
+    devices_per_process: Annotated[
+        int,
+        typer.Option(
+            "--devices-per-process",
+            min=1,
+            help="CPU: host devices per process; GPU: GPUs per process.",
+        ),
+    ] = 1,
+    platform: Annotated[
+        Literal["auto", "cpu", "gpu"],
+        typer.Option("--platform", help="auto: gpu when GPUs are visible, else cpu."),
+    ] = "auto",
+    debug: Debug = False,
+) -> None:
+    """Start N `accelctl train` processes joined by jax.distributed on this host.
+
+    Any further options go to `accelctl train` (e.g. --set, --run-dir, --resume, --quiet).
+    Output is prefixed with the process index; if one process fails the others are stopped and
+    launch exits with its code.
+    """
+    train_args = [str(config), *ctx.args]
+
+    def go() -> int:
+        from accelctl import compare, launch
+        from accelctl import config as config_mod
+        from accelctl.train import default_run_dir
+
+        chosen, gpus = platform, 0
+        if platform != "cpu":
+            gpus = compare.discover().get("backends", {}).get("gpu", {}).get("devices", 0)
+            chosen = "gpu" if gpus else "cpu"
+            if platform == "gpu" and not gpus:
+                from accelctl.errors import UserError
+
+                raise UserError("--platform gpu: no GPU is visible (see `accelctl env`)")
+        args = list(train_args)
+        if "--run-dir" not in args:  # every process must write into the same run directory
+            cfg = config_mod.load(config)
+            args += ["--run-dir", str(default_run_dir(cfg, config.stem))]
+        envs = launch.process_envs(
+            num_processes, devices_per_process, chosen, launch.free_port(), gpus
+        )
+        return launch.run_processes(args, envs)
+
+    raise typer.Exit(run_guarded(go, debug=debug))
