@@ -203,16 +203,17 @@ def compare_devices(
 
 def plot_compare(result: dict[str, Any], path: Path) -> None:
     """Bar chart of samples/s per device set (failed sets drawn as empty, labelled bars)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    # A Figure on its own Agg canvas, like accelctl.plot: no pyplot, no global backend switch.
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
 
     rows = result["rows"]
     labels = [f"{r['platform']} x{r['devices']}\n{r['strategy']}" for r in rows]
     values = [r["samples_per_s"] if not r["error"] else 0.0 for r in rows]
     colours = {"cpu": "tab:blue", "gpu": "tab:green", "tpu": "tab:orange"}
-    fig, ax = plt.subplots(figsize=(max(6.0, 1.3 * len(rows)), 4.5))
+    fig = Figure(figsize=(max(6.0, 1.3 * len(rows)), 4.5))
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
     bars = ax.bar(labels, values, color=[colours.get(r["platform"], "tab:gray") for r in rows])
     for bar, r in zip(bars, rows, strict=True):
         text = "failed" if r["error"] else f"{r['samples_per_s']:,.0f}"
@@ -228,4 +229,3 @@ def plot_compare(result: dict[str, Any], path: Path) -> None:
     ax.grid(axis="y", alpha=0.3)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
-    plt.close(fig)
