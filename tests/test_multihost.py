@@ -22,8 +22,16 @@ train: {batch_size: 32, steps: 12, log_every: 1, eval_every: 6}
 """
 
 
+LAUNCH_2X2 = ("launch", "-n", "2", "--devices-per-process", "2", "--platform", "cpu")
+
+
+def child_env() -> dict[str, str]:
+    """The test's environment without its 8 fake devices: each command sets its own."""
+    return {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+
+
 def accelctl(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
-    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    env = child_env()
     return subprocess.run(
         [sys.executable, "-m", "accelctl", *args],
         capture_output=True,
@@ -45,13 +53,7 @@ def runs(tmp_path_factory):
     cfg = tmp / "cfg.yaml"
     cfg.write_text(CONFIG)
     two = accelctl(
-        "launch",
-        "-n",
-        "2",
-        "--devices-per-process",
-        "2",
-        "--platform",
-        "cpu",
+        *LAUNCH_2X2,
         str(cfg),
         "--run-dir",
         str(tmp / "two"),
@@ -101,7 +103,7 @@ def test_only_process_zero_writes_logs_and_reports(runs):
 def test_a_killed_process_stops_the_job_with_its_name(tmp_path):
     cfg = tmp_path / "long.yaml"
     cfg.write_text(CONFIG.replace("steps: 12, log_every: 1", "steps: 100000, log_every: 50"))
-    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    env = child_env()
     proc = subprocess.Popen(
         [
             sys.executable,
@@ -219,7 +221,7 @@ def test_process_envs_give_each_process_its_devices():
 def test_sigterm_stops_every_process_at_one_step_and_the_job_resumes(tmp_path):
     cfg = tmp_path / "p.yaml"
     cfg.write_text(CONFIG.replace("steps: 12, log_every: 1", "steps: 300, log_every: 20"))
-    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    env = child_env()
     base = ["launch", "-n", "2", "--platform", "cpu", str(cfg)]
     cmd = [sys.executable, "-m", "accelctl", *base, "--run-dir", str(tmp_path / "cut")]
     proc = subprocess.Popen(
@@ -253,13 +255,7 @@ def test_fsdp_across_processes(runs):
     # Parameters sharded across the two processes: the summary's digest gathers them.
     tmp, _, one = runs
     result = accelctl(
-        "launch",
-        "-n",
-        "2",
-        "--devices-per-process",
-        "2",
-        "--platform",
-        "cpu",
+        *LAUNCH_2X2,
         str(tmp / "cfg.yaml"),
         "--run-dir",
         str(tmp / "fsdp"),

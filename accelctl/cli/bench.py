@@ -62,13 +62,14 @@ def bench_command(
     def go() -> dict[str, Any]:
         from accelctl import bench
         from accelctl.devices import set_cpu_devices
+        from accelctl.precision import COMPUTE_DTYPES
 
         if cpu_devices is not None:
             set_cpu_devices(cpu_devices)
         workloads = _workloads(configs or [])
         for p in precision or []:
-            if p not in ("fp32", "bf16", "fp16"):
-                raise UserError(f"--precision {p}: choose fp32, bf16 or fp16")
+            if p not in COMPUTE_DTYPES:
+                raise UserError(f"--precision {p}: choose {', '.join(COMPUTE_DTYPES)}")
         if find_max_batch:
             limit = int(memory_limit) if memory_limit is not None else None
             return bench.find_max_batches(workloads, memory_limit=limit)

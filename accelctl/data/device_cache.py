@@ -21,6 +21,7 @@ from jax.sharding import PartitionSpec as P
 
 from accelctl.data.batches import epoch_batch_table
 from accelctl.data.sources import Split, SplitLike
+from accelctl.devices import memory_limit
 
 try:  # jax >= 0.6 exports shard_map at the top level
     from jax import shard_map
@@ -45,13 +46,10 @@ def device_budget_bytes(mesh: Mesh) -> int:
     host memory, so a quarter of the available host memory is used instead. Only this process's
     devices can be asked; the others are taken to be alike.
     """
-    limits = []
     local = mesh.local_devices
-    for d in local:
-        stats = d.memory_stats() if hasattr(d, "memory_stats") else None
-        if not stats or "bytes_limit" not in stats:
-            return int(DEVICE_FRACTION * available_host_bytes())
-        limits.append(int(stats["bytes_limit"]))
+    limits = [limit for d in local if (limit := memory_limit(d)) is not None]
+    if len(limits) < len(local):
+        return int(DEVICE_FRACTION * available_host_bytes())
     return int(DEVICE_FRACTION * sum(limits) * mesh.size / len(local))
 
 
