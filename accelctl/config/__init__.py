@@ -15,7 +15,7 @@ from accelctl.config.data import (
     TfdsData,
     TokensData,
 )
-from accelctl.config.loading import load, load_text
+from accelctl.config.loading import from_dict, load, load_text, replace
 from accelctl.config.schema import (
     CheckpointConfig,
     CNNConfig,
@@ -59,6 +59,8 @@ __all__ = [
     "TokensData",
     "TrainConfig",
     "TransformerConfig",
+    "from_dict",
     "load",
     "load_text",
+    "replace",
 ]

@@ -3,18 +3,41 @@ sources share: device/host caching, on-device augmentation and normalisation."""
 
 from __future__ import annotations
 
+import math
 from typing import Annotated, Literal
 
-from pydantic import Field, NonNegativeInt, PositiveFloat, PositiveInt, model_validator
+from pydantic import Field, model_validator
 
-from accelctl.config.base import Section
+from accelctl.config.base import (
+    COUNT,
+    FINITE,
+    INT32_MAX,
+    OPEN_FRACTION,
+    POSITIVE,
+    SEED,
+    SIZE,
+    VOCAB_MAX,
+    Count,
+    Finite,
+    OpenFraction,
+    PositiveFinite,
+    Section,
+    Seed,
+    Size,
+    Text,
+)
+
+# A shape's rank: images are (H, W, C); a few more dimensions leave room, hundreds are a typo.
+_RANK_MAX = 8
+# Per-channel statistics: images have a handful of channels.
+_CHANNELS_MAX = 4096
 
 
 class AugmentConfig(Section):
-    crop_padding: NonNegativeInt = Field(
+    crop_padding: Annotated[int, Field(ge=0, le=1024)] = Field(
         0,
         description="Random crop: pad each image by this many zero pixels per side, then crop "
-        "back to its size at a random offset (0 = off; 4 is usual for CIFAR).",
+        "back to its size at a random offset (0 to 1024; 0 = off; 4 is usual for CIFAR).",
     )
     flip: bool = Field(False, description="Random horizontal flip with probability 1/2.")
 
@@ -24,8 +47,11 @@ class AugmentConfig(Section):
 
 
 class _DataCommon(Section):
-    prefetch: PositiveInt = Field(
-        2, description="Batches kept ready on the devices by the background prefetch thread."
+    # Each prefetched batch holds device memory; a deep queue only costs memory.
+    prefetch: Annotated[int, Field(ge=1, le=256)] = Field(
+        2,
+        description="Batches kept ready on the devices by the background prefetch thread "
+        "(1 to 256).",
     )
     cache: Literal["auto", "device", "host"] = Field(
         "auto",
@@ -37,13 +63,17 @@ class _DataCommon(Section):
         default_factory=AugmentConfig,
         description="Training-time augmentation of image inputs, on device inside the step.",
     )
-    mean: tuple[float, ...] | None = Field(
+    mean: tuple[Finite, ...] | None = Field(
         None,
-        description="Per-channel mean subtracted on device after scaling to [0, 1] "
-        "(one value, or one per channel); null = none.",
+        max_length=_CHANNELS_MAX,
+        description=f"Per-channel mean subtracted on device after scaling to [0, 1] "
+        f"(one value, or one per channel, at most {_CHANNELS_MAX}; {FINITE}); null = none.",
     )
-    std: tuple[PositiveFloat, ...] | None = Field(
-        None, description="Per-channel standard deviation divided out on device; needs mean."
+    std: tuple[PositiveFinite, ...] | None = Field(
+        None,
+        max_length=_CHANNELS_MAX,
+        description=f"Per-channel standard deviation divided out on device ({POSITIVE}); "
+        "needs mean.",
     )
 
     @model_validator(mode="after")
@@ -61,12 +91,12 @@ class _DataCommon(Section):
 class _HeldOut(_DataCommon):
     """Sources whose eval examples are a seeded hold-out of one set of examples."""
 
-    eval_fraction: Annotated[float, Field(gt=0.0, lt=1.0)] = Field(
+    eval_fraction: OpenFraction = Field(
         0.2,
-        description="Fraction held out for evaluation (deterministic split; npz: only when "
-        "eval_path is not given).",
+        description=f"Fraction held out for evaluation ({OPEN_FRACTION}; deterministic split; "
+        "npz: only when eval_path is not given).",
     )
-    split_seed: int = Field(0, description="Seed of the train/eval split.")
+    split_seed: Seed = Field(0, description=f"Seed of the train/eval split ({SEED}).")
 
 
 class DigitsData(_HeldOut):
@@ -79,24 +109,41 @@ class SyntheticData(_DataCommon):
     source: Literal["synthetic"] = Field(
         description="Random inputs; labels from a fixed random linear teacher, so it is learnable."
     )
-    shape: tuple[PositiveInt, ...] = Field((28, 28, 1), description="Shape of one example.")
-    num_classes: Annotated[int, Field(ge=2)] = Field(10, description="Number of classes.")
-    num_train: PositiveInt = Field(4096, description="Training examples.")
-    num_eval: PositiveInt = Field(1024, description="Evaluation examples.")
+    shape: tuple[Size, ...] = Field(
+        (28, 28, 1),
+        max_length=_RANK_MAX,
+        description=f"Shape of one example: at most {_RANK_MAX} dimensions of {SIZE} each, at "
+        "most 2^31-1 values in all.",
+    )
+    num_classes: Annotated[int, Field(ge=2, le=VOCAB_MAX)] = Field(
+        10, description="Number of classes (2 to 2^24)."
+    )
+    num_train: Count = Field(4096, description=f"Training examples ({COUNT}).")
+    num_eval: Count = Field(1024, description=f"Evaluation examples ({COUNT}).")
     dtype: Literal["uint8", "float32"] = Field(
         "uint8", description="uint8 images are normalised on device; float32 are used as is."
     )
-    seed: int = Field(0, description="Seed of the generated data.")
+    seed: Seed = Field(0, description=f"Seed of the generated data ({SEED}).")
+
+    @model_validator(mode="after")
+    def _shape_size(self) -> SyntheticData:
+        # One example is flattened into a (features, classes) teacher matrix and int32 indices.
+        if math.prod(self.shape) > INT32_MAX:
+            raise ValueError(
+                f"shape {list(self.shape)} has {math.prod(self.shape)} values per example; at "
+                "most 2^31-1 (2147483647) are allowed, so use smaller dimensions"
+            )
+        return self
 
 
 class NpzData(_HeldOut):
     source: Literal["npz"] = Field(description="A user's arrays in a NumPy .npz file.")
-    path: str = Field(description="Path of the .npz file with the training (or all) examples.")
-    eval_path: str | None = Field(
+    path: Text = Field(description="Path of the .npz file with the training (or all) examples.")
+    eval_path: Text | None = Field(
         None, description="Optional .npz with the eval examples; else eval_fraction is held out."
     )
-    x_key: str = Field("x", description="Array name of the inputs, shape (N, ...).")
-    y_key: str = Field("y", description="Array name of the integer class labels, shape (N,).")
+    x_key: Text = Field("x", description="Array name of the inputs, shape (N, ...).")
+    y_key: Text = Field("y", description="Array name of the integer class labels, shape (N,).")
 
 
 class TfdsData(_DataCommon):
@@ -105,21 +152,21 @@ class TfdsData(_DataCommon):
         "tfds.data_source (random access over ArrayRecord; prepare it first with "
         "`accelctl data prepare NAME`)."
     )
-    name: str = Field(
+    name: Text = Field(
         description="tfds name, optionally with config and version: mnist, fashion_mnist, "
         "kmnist, cifar10, cifar100, svhn_cropped, mnist:3.0.1, ..."
     )
-    train_split: str = Field(
+    train_split: Text = Field(
         "train", description="Training split; tfds slicing works, e.g. 'train[:90%]'."
     )
-    eval_split: str = Field("test", description="Evaluation split, e.g. 'test' or 'train[90%:]'.")
-    data_dir: str | None = Field(
+    eval_split: Text = Field("test", description="Evaluation split, e.g. 'test' or 'train[90%:]'.")
+    data_dir: Text | None = Field(
         None,
         description="Folder holding prepared tfds data sets; null = $TFDS_DATA_DIR or "
         "~/tensorflow_datasets.",
     )
-    image_key: str = Field("image", description="Feature holding the image (fixed shape).")
-    label_key: str = Field("label", description="Feature holding the class label (ClassLabel).")
+    image_key: Text = Field("image", description="Feature holding the image (fixed shape).")
+    label_key: Text = Field("label", description="Feature holding the class label (ClassLabel).")
     cache: Literal["auto", "device", "host", "none"] = Field(
         "auto",
         description="device / host: decode the split once and keep it on the devices / in host "
@@ -127,8 +174,10 @@ class TfdsData(_DataCommon):
         "larger than memory); auto: device if it fits in a quarter of device memory, else "
         "host if it fits in half the free host memory, else none.",
     )
-    read_threads: PositiveInt = Field(
-        8, description="Threads that read and decode records (batched reads, decode in parallel)."
+    read_threads: Annotated[int, Field(ge=1, le=1024)] = Field(
+        8,
+        description="Threads that read and decode records, batched reads decoded in parallel "
+        "(1 to 1024).",
     )
 
 
@@ -142,31 +191,35 @@ class TokensData(_DataCommon):
         description="synthetic: sequences from a fixed random Markov chain (learnable, no "
         "files); text: a text file read as bytes (byte-level, vocabulary 256).",
     )
-    path: str | None = Field(
+    path: Text | None = Field(
         None, description="text: the file to read; its last eval_fraction of bytes is the eval set."
     )
-    seq_len: PositiveInt = Field(
-        128, description="Tokens per example (T); must not exceed model.max_len."
+    seq_len: Size = Field(
+        128, description=f"Tokens per example, T ({SIZE}); must not exceed model.max_len."
     )
-    num_train: PositiveInt | None = Field(
+    num_train: Count | None = Field(
         None,
-        description="Training sequences. synthetic: how many to generate (null = 4096); text: "
-        "use the first N windows of the training bytes (null = all of them).",
+        description=f"Training sequences ({COUNT}). synthetic: how many to generate (null = "
+        "4096); text: use the first N windows of the training bytes (null = all of them).",
     )
-    num_eval: PositiveInt | None = Field(
+    num_eval: Count | None = Field(
         None,
-        description="Evaluation sequences. synthetic: null = 256; text: the first N windows of "
-        "the eval bytes (null = all of them).",
+        description=f"Evaluation sequences ({COUNT}). synthetic: null = 256; text: the first N "
+        "windows of the eval bytes (null = all of them).",
     )
-    eval_fraction: Annotated[float, Field(gt=0.0, lt=1.0)] = Field(
+    eval_fraction: OpenFraction = Field(
         0.1,
-        description="text: fraction of the file's bytes, taken from its end, kept for "
-        "evaluation (never trained on).",
+        description=f"text: fraction of the file's bytes, taken from its end, kept for "
+        f"evaluation, never trained on ({OPEN_FRACTION}).",
     )
-    vocab_size: Annotated[int, Field(ge=2)] = Field(
-        256, description="synthetic: number of distinct tokens; text is always 256 (bytes)."
+    # Token ids are int32 and the embedding has vocab_size rows.
+    vocab_size: Annotated[int, Field(ge=2, le=VOCAB_MAX)] = Field(
+        256,
+        description="synthetic: number of distinct tokens (2 to 2^24); text is always 256 (bytes).",
     )
-    seed: int = Field(0, description="synthetic: seed of the Markov chain and of the sequences.")
+    seed: Seed = Field(
+        0, description=f"synthetic: seed of the Markov chain and of the sequences ({SEED})."
+    )
 
     @model_validator(mode="after")
     def _kind_fields(self) -> TokensData:

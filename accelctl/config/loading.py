@@ -1,109 +1,69 @@
-"""YAML loading with line numbers, `--set` overrides, and readable validation errors.
+"""Config loading: files (or built-in names), `--set` overrides, validation with readable,
+located errors, and programmatic copies (`from_dict`, `replace`).
 
-No other module reads YAML. Values are built from SafeLoader nodes so every field keeps its
-file:line:col; duplicate keys and non-plain tags are rejected before anything is constructed.
+No other module reads YAML (the safe reader itself is `yaml_reader.py`): everything else passes
+Config objects.
 """
 
 from __future__ import annotations
 
+import copy
 import difflib
 import types
 import typing
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Annotated, Any
 
-import yaml
 from pydantic import BaseModel, ValidationError
 
 from accelctl.config.schema import Config
-from accelctl.config.source import ConfigError, FieldPath, Source, dotted
+from accelctl.config.source import ConfigError, FieldPath, Source, dotted, printable
+from accelctl.config.yaml_reader import MAX_BYTES, MAX_DEPTH, Origin, decode, read_yaml
 
-
-def _mark(node: yaml.Node) -> tuple[int, int]:
-    return node.start_mark.line + 1, node.start_mark.column + 1
-
-
-def _construct(loader: yaml.SafeLoader, node: yaml.Node, path: FieldPath, src: Source) -> Any:
-    src.values[path] = _mark(node)
-    default_tag = {yaml.MappingNode: "map", yaml.SequenceNode: "seq"}.get(type(node))
-    if default_tag and node.tag != f"tag:yaml.org,2002:{default_tag}":
-        line, col = _mark(node)
-        raise ConfigError(
-            f"{src.filename}:{line}:{col}: {dotted(path)}: the tag {node.tag!r} is not allowed; "
-            "only plain YAML values are accepted"
-        )
-    if isinstance(node, yaml.MappingNode):
-        loader.flatten_mapping(node)  # resolves YAML merge keys (<<) like safe_load does
-        out: dict[Any, Any] = {}
-        for key_node, value_node in node.value:
-            key = loader.construct_object(key_node, deep=True)
-            if not isinstance(key, str | int | float | bool) or key is None:
-                line, col = _mark(key_node)
-                raise ConfigError(f"{src.filename}:{line}:{col}: mapping keys must be plain names")
-            if key in out:
-                line, col = _mark(key_node)
-                first = src.keys[path + (key,)]
-                raise ConfigError(
-                    f"{src.filename}:{line}:{col}: {dotted(path + (key,))}: duplicate key "
-                    f"(first given at line {first[0]}); keep one of them"
-                )
-            src.keys[path + (key,)] = _mark(key_node)
-            out[key] = _construct(loader, value_node, path + (key,), src)
-        return out
-    if isinstance(node, yaml.SequenceNode):
-        return [_construct(loader, v, path + (i,), src) for i, v in enumerate(node.value)]
-    return loader.construct_object(node, deep=True)
+_MAX_ERRORS_SHOWN = 20
 
 
 def _parse_yaml(text: str, filename: str, src: Source) -> dict[str, Any]:
-    loader = yaml.SafeLoader(text)
-    try:
-        node = loader.get_single_node()
-        data = {} if node is None else _construct(loader, node, (), src)
-    except yaml.MarkedYAMLError as e:
-        mark = e.problem_mark or e.context_mark
-        where = f"{filename}:{mark.line + 1}:{mark.column + 1}" if mark else filename
-        problem = " ".join(str(p) for p in (e.context, e.problem) if p)
-        raise ConfigError(
-            f"{where}: YAML error: {problem}. Fix the syntax (only plain YAML is accepted: "
-            "no Python tags)."
-        ) from None
-    except yaml.YAMLError as e:
-        raise ConfigError(f"{filename}: YAML error: {e}") from None
-    finally:
-        loader.dispose()
+    data = read_yaml(text, Origin(filename), src)
+    if data is None:
+        return {}
     if not isinstance(data, dict):
         raise ConfigError(
             f"{filename}:1:1: the config must be a mapping of sections "
-            "(model, data, optimizer, ...), not a {type(data).__name__}"
+            f"(model, data, optimizer, ...), not a {type(data).__name__}"
         )
     return data
 
 
 def _apply_override(data: dict[str, Any], item: str, src: Source) -> None:
+    shown = printable(item, limit=100)
     key, sep, raw = item.partition("=")
     key = key.strip()
-    if not sep or not key or any(not part for part in key.split(".")):
-        raise ConfigError(
-            f"--set {item}: expected KEY=VALUE with a dotted key, e.g. --set optimizer.lr=3e-4"
-        )
-    try:
-        value = yaml.safe_load(raw) if raw.strip() else None
-    except yaml.YAMLError as e:
-        raise ConfigError(f"--set {item}: the value is not valid YAML ({e})") from None
     parts = tuple(key.split("."))
+    if not sep or not key or any(not part for part in parts):
+        raise ConfigError(
+            f"--set {shown}: expected KEY=VALUE with a dotted key, e.g. --set optimizer.lr=3e-4"
+        )
+    if len(parts) > MAX_DEPTH:
+        raise ConfigError(
+            f"--set {shown}: the key has {len(parts)} dotted parts; fields are at most a few "
+            "levels deep (e.g. parallel.mesh.data)"
+        )
+    origin = Origin(f"--set {shown}", positions=False)
+    # The value's own positions (within the item) mean nothing in the file's Source.
+    value = read_yaml(raw, origin, Source(origin.name), parts) if raw.strip() else None
     node = data
     for i, part in enumerate(parts[:-1]):
         child = node.setdefault(part, {})
         if not isinstance(child, dict):
             raise ConfigError(
-                f"--set {item}: {dotted(parts[: i + 1])} is a value, not a section; "
+                f"--set {shown}: {dotted(parts[: i + 1])} is a value, not a section; "
                 f"set it directly (--set {dotted(parts[: i + 1])}=...)"
             )
         node = child
     node[parts[-1]] = value
-    src.overrides[parts] = item
+    src.overrides[parts] = shown
 
 
 def _clean_loc(loc: Sequence[str | int], data: Any) -> FieldPath:
@@ -228,33 +188,108 @@ def load_text(text: str, filename: str = "<config>", overrides: Sequence[str] = 
     data = _parse_yaml(text, filename, src)
     for item in overrides:
         _apply_override(data, item, src)
+    return _validate(data, src)
+
+
+def _validate(data: dict[str, Any], src: Source) -> Config:
     try:
         cfg = Config.model_validate(data)
     except ValidationError as e:
-        lines = [_describe(err, data, src) for err in e.errors()]  # type: ignore[arg-type]
+        errors = e.errors()
+        # A long list of wrong values gives one error each; the first ones say enough.
+        lines = [_describe(err, data, src) for err in errors[:_MAX_ERRORS_SHOWN]]  # type: ignore[arg-type]
+        if len(errors) > _MAX_ERRORS_SHOWN:
+            lines.append(f"... and {len(errors) - _MAX_ERRORS_SHOWN} more")
         raise ConfigError("Invalid config:\n  " + "\n  ".join(lines)) from None
     cfg._source = src
     return cfg
 
 
-def load(path: str | Path, overrides: Sequence[str] = ()) -> Config:
-    """Read, parse and validate a config file.
+def from_dict(
+    data: dict[str, Any], filename: str = "<config>", overrides: Sequence[str] = ()
+) -> Config:
+    """Validate a config given as a dict (e.g. a checkpoint's stored `Config.to_dict()`).
 
     Args:
-        path: YAML file.
+        data: the sections, as in the YAML file.
+        filename: shown in error messages (there are no line numbers).
+        overrides: `KEY=VALUE` strings applied first, as for `load_text`.
+    Raises:
+        ConfigError: as for `load`.
+    """
+    if not isinstance(data, dict):
+        raise ConfigError(f"{filename}: the config must be a mapping of sections")
+    src = Source(filename)
+    data = copy.deepcopy(data)
+    for item in overrides:
+        _apply_override(data, item, src)
+    return _validate(data, src)
+
+
+def replace(cfg: Config, updates: Mapping[str, Any], *, merge: bool = True) -> Config:
+    """`cfg` with some fields replaced, validated again (errors still point into its file).
+
+    Args:
+        cfg: a validated config.
+        updates: dotted field -> value, e.g. {"train.steps": 10, "data.cache": "host"}; a value
+            for a whole section (a dict) replaces the fields it names and keeps the others.
+        merge: False: a dict value replaces its whole section (e.g. another data source).
+    Returns:
+        A new frozen Config; `cfg` is unchanged.
+    """
+    data = cfg.to_dict()
+    for key, value in updates.items():
+        parts = key.split(".")
+        node = data
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+        if merge and isinstance(value, Mapping) and isinstance(node.get(parts[-1]), dict):
+            node[parts[-1]] = {**node[parts[-1]], **value}
+        else:
+            node[parts[-1]] = value
+    src = cfg._source or Source("<config>")
+    return _validate(data, src)
+
+
+def load(path: str | Path, overrides: Sequence[str] = ()) -> Config:
+    """Read, parse and validate a config file, or a built-in config by name.
+
+    Args:
+        path: YAML file; when no such file exists and it is a bare name (e.g. `digits_mlp`),
+            the built-in config of that name (`accelctl configs` lists them).
         overrides: `--set KEY=VALUE` strings, validated like the file.
     Returns:
         The frozen, validated Config.
     Raises:
         ConfigError: if the file is missing or unreadable, or the config is invalid.
     """
+    from accelctl.config import builtin
+
     p = Path(path)
+    shown = printable(str(p))  # an undecodable file name must not break printing the error
+    if "\0" in str(path):  # the OS cannot even look such a path up (ValueError from stat)
+        raise ConfigError(f"{shown}: a path cannot contain a NUL character")
     try:
-        text = p.read_text(encoding="utf-8")
+        exists = p.exists()
+    except OSError:  # e.g. a name too long: opening it below says so
+        exists = True
+    if not exists and builtin.find(str(path)) is not None:
+        name = str(path).removesuffix(".yaml")
+        return load_text(builtin.text(name), f"<built-in {name}>", overrides)
+    try:
+        with p.open("rb") as f:
+            # Read one byte past the limit, never the whole file: it may be huge or endless.
+            raw = f.read(MAX_BYTES + 1)
     except FileNotFoundError:
         raise ConfigError(
-            f"{p}: config file not found. Check the path (see configs/ for examples)."
+            f"{shown}: config file not found. Check the path, or name a built-in config: "
+            f"{', '.join(builtin.names())} (`accelctl configs` lists them)."
         ) from None
-    except (OSError, UnicodeDecodeError) as e:
-        raise ConfigError(f"{p}: cannot read the config file: {e}") from None
-    return load_text(text, str(p), overrides)
+    except OSError as e:
+        raise ConfigError(f"{shown}: cannot read the config file: {e.strerror or e}") from None
+    if len(raw) > MAX_BYTES:
+        raise ConfigError(
+            f"{shown}: the file is larger than {MAX_BYTES:,} bytes (1 MiB), the most a config "
+            "may have; real ones have a few thousand. Check that this is the right file."
+        )
+    return load_text(decode(raw, shown), shown, overrides)

@@ -6,17 +6,31 @@ from collections.abc import Sequence
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import (
-    Field,
-    NonNegativeFloat,
-    NonNegativeInt,
-    PositiveFloat,
-    PositiveInt,
-    PrivateAttr,
-    model_validator,
-)
+from pydantic import Field, PrivateAttr, model_validator
 
-from accelctl.config.base import Fraction
+from accelctl.config.base import (
+    COUNT,
+    FRACTION,
+    LAYERS,
+    LAYERS_MAX,
+    NON_NEG_COUNT,
+    NON_NEGATIVE,
+    OPEN_FRACTION,
+    POSITIVE,
+    SEED,
+    SIZE,
+    SIZE_MAX,
+    Count,
+    Fraction,
+    Layers,
+    NonNegCount,
+    NonNegFinite,
+    OpenFraction,
+    PositiveFinite,
+    Seed,
+    Size,
+    Text,
+)
 from accelctl.config.base import Section as _Section
 from accelctl.config.data import DataConfig, DigitsData
 from accelctl.config.source import ConfigError, Source, dotted
@@ -27,16 +41,27 @@ Activation = Literal["relu", "gelu", "silu", "tanh", "sigmoid"]
 # ----------------------------------------------------------------------------------------- model
 class MLPConfig(_Section):
     name: Literal["mlp"] = Field(description="Multi-layer perceptron; inputs are flattened.")
-    hidden: tuple[PositiveInt, ...] = Field((64,), description="Width of each hidden layer.")
+    hidden: tuple[Size, ...] = Field(
+        (64,),
+        max_length=LAYERS_MAX,
+        description=f"Width of each hidden layer ({SIZE}; at most {LAYERS_MAX} layers).",
+    )
     activation: Activation = Field("relu", description="Non-linearity after each hidden layer.")
-    dropout: Fraction = Field(0.0, description="Dropout rate after each hidden layer (train only).")
+    dropout: Fraction = Field(
+        0.0, description=f"Dropout rate after each hidden layer, train only ({FRACTION})."
+    )
 
 
 class CNNConfig(_Section):
     name: Literal["cnn"] = Field(description="Conv stack (NHWC) followed by a dense head.")
-    channels: tuple[PositiveInt, ...] = Field((32, 64), description="Output channels per conv.")
-    kernels: PositiveInt | tuple[PositiveInt, ...] = Field(
-        3, description="Square kernel size: one for all convs, or one per conv."
+    channels: tuple[Size, ...] = Field(
+        (32, 64),
+        max_length=LAYERS_MAX,
+        description=f"Output channels per conv ({SIZE}; at most {LAYERS_MAX} convs).",
+    )
+    kernels: Size | tuple[Size, ...] = Field(
+        3,
+        description=f"Square kernel size ({SIZE}): one for all convs, or one per conv.",
     )
     pool: Literal["max", "avg", "none"] = Field(
         "max", description="2x2 pooling (stride 2) after each conv, or none."
@@ -44,9 +69,15 @@ class CNNConfig(_Section):
     batch_norm: bool = Field(
         False, description="Batch norm after each conv (running stats in eval)."
     )
-    dense: tuple[PositiveInt, ...] = Field((128,), description="Hidden widths of the dense head.")
+    dense: tuple[Size, ...] = Field(
+        (128,),
+        max_length=LAYERS_MAX,
+        description=f"Hidden widths of the dense head ({SIZE}; at most {LAYERS_MAX} layers).",
+    )
     activation: Activation = Field("relu", description="Non-linearity after each layer.")
-    dropout: Fraction = Field(0.0, description="Dropout rate in the dense head (train only).")
+    dropout: Fraction = Field(
+        0.0, description=f"Dropout rate in the dense head, train only ({FRACTION})."
+    )
 
     @model_validator(mode="after")
     def _kernels_match(self) -> CNNConfig:
@@ -62,11 +93,16 @@ class ResNetConfig(_Section):
     name: Literal["resnet"] = Field(
         description="Residual network (He et al. 2016) with batch norm; NHWC images."
     )
-    stage_sizes: tuple[PositiveInt, ...] = Field(
-        (3, 3, 3), description="Residual blocks per stage; (3, 3, 3) with basic blocks = ResNet-20."
+    stage_sizes: tuple[Layers, ...] = Field(
+        (3, 3, 3),
+        max_length=16,
+        description=f"Residual blocks per stage ({LAYERS} each; at most 16 stages); (3, 3, 3) with "
+        "basic blocks = ResNet-20.",
     )
-    width: PositiveInt = Field(
-        16, description="Channels of the first stage; each later stage doubles them (stride 2)."
+    width: Size = Field(
+        16,
+        description=f"Channels of the first stage ({SIZE}); each later stage doubles them "
+        "(stride 2).",
     )
     block: Literal["basic", "bottleneck"] = Field(
         "basic", description="basic: two 3x3 convs; bottleneck: 1x1, 3x3, 1x1 (4x expansion)."
@@ -87,14 +123,15 @@ class TransformerConfig(_Section):
         description="Decoder-only GPT over token ids (data.source: tokens): pre-norm blocks of "
         "causal self-attention and a gelu MLP; logits (batch, T, vocab)."
     )
-    num_layers: PositiveInt = Field(2, description="Transformer blocks.")
-    num_heads: PositiveInt = Field(4, description="Attention heads; must divide embed_dim.")
-    embed_dim: PositiveInt = Field(128, description="Model width (embedding size).")
-    mlp_dim: PositiveInt | None = Field(
-        None, description="Hidden width of each block's MLP; null = 4 * embed_dim."
+    num_layers: Layers = Field(2, description=f"Transformer blocks ({LAYERS}).")
+    num_heads: Size = Field(4, description=f"Attention heads ({SIZE}); must divide embed_dim.")
+    embed_dim: Size = Field(128, description=f"Model width, the embedding size ({SIZE}).")
+    mlp_dim: Size | None = Field(
+        None, description=f"Hidden width of each block's MLP ({SIZE}); null = 4 * embed_dim."
     )
-    max_len: PositiveInt = Field(
-        1024, description="Longest sequence (positions); data.seq_len must not exceed it."
+    max_len: Size = Field(
+        1024,
+        description=f"Longest sequence in positions ({SIZE}); data.seq_len must not exceed it.",
     )
     positions: Literal["learned", "rotary"] = Field(
         "learned",
@@ -105,7 +142,9 @@ class TransformerConfig(_Section):
         True, description="Logits from the token embedding (x @ E.T) instead of a separate head."
     )
     dropout: Fraction = Field(
-        0.0, description="Dropout rate on the embeddings and residual branches (train only)."
+        0.0,
+        description=f"Dropout rate on the embeddings and residual branches, train only "
+        f"({FRACTION}).",
     )
 
     @model_validator(mode="after")
@@ -133,27 +172,30 @@ class OptimizerConfig(_Section):
     name: Literal["sgd", "adam", "adamw", "adagrad", "rmsprop", "lion"] = Field(
         "adam", description="optax optimizer."
     )
-    lr: PositiveFloat = Field(1e-3, description="Peak learning rate (the schedule scales it).")
-    momentum: Fraction = Field(0.0, description="Momentum for sgd and rmsprop.")
+    lr: PositiveFinite = Field(
+        1e-3, description=f"Peak learning rate, scaled by the schedule ({POSITIVE})."
+    )
+    momentum: Fraction = Field(0.0, description=f"Momentum for sgd and rmsprop ({FRACTION}).")
     nesterov: bool = Field(False, description="Nesterov momentum (sgd with momentum > 0).")
-    b1: Fraction = Field(0.9, description="First-moment decay (adam, adamw, lion).")
-    b2: Fraction = Field(0.999, description="Second-moment decay (adam, adamw, lion).")
-    eps: PositiveFloat = Field(
-        1e-8, description="Numerical epsilon (adam, adamw, adagrad, rmsprop)."
+    b1: Fraction = Field(0.9, description=f"First-moment decay, adam/adamw/lion ({FRACTION}).")
+    b2: Fraction = Field(0.999, description=f"Second-moment decay, adam/adamw/lion ({FRACTION}).")
+    eps: PositiveFinite = Field(
+        1e-8, description=f"Numerical epsilon, adam/adamw/adagrad/rmsprop ({POSITIVE})."
     )
-    decay: Fraction = Field(0.9, description="Squared-gradient decay for rmsprop.")
-    weight_decay: NonNegativeFloat = Field(
+    decay: Fraction = Field(0.9, description=f"Squared-gradient decay for rmsprop ({FRACTION}).")
+    weight_decay: NonNegFinite = Field(
         0.0,
-        description="Decoupled for adamw/lion; added to the gradient (L2) for the others.",
+        description=f"Decoupled for adamw/lion; added to the gradient (L2) for the others "
+        f"({NON_NEGATIVE}).",
     )
-    clip_norm: PositiveFloat | None = Field(
-        None, description="Clip gradients to this global norm before the update."
+    clip_norm: PositiveFinite | None = Field(
+        None, description=f"Clip gradients to this global norm before the update ({POSITIVE})."
     )
-    accumulate_steps: PositiveInt = Field(
+    accumulate_steps: Count = Field(
         1,
         description="Split each batch into N micro-batches run one after another and sum their "
         "gradients into one update (same update as the whole batch, less activation memory); "
-        "train.batch_size stays the examples per update.",
+        f"train.batch_size stays the examples per update ({COUNT}).",
     )
 
     @model_validator(mode="after")
@@ -167,37 +209,56 @@ class ScheduleConfig(_Section):
     name: Literal["constant", "linear", "cosine", "piecewise", "step", "plateau"] = Field(
         "constant", description="Learning-rate schedule (plateau = ReduceLROnPlateau)."
     )
-    warmup_steps: NonNegativeInt = Field(0, description="Linear warmup from 0 to lr.")
-    end_factor: NonNegativeFloat = Field(
-        0.0, description="linear/cosine: final lr as a fraction of lr."
+    warmup_steps: NonNegCount = Field(
+        0, description=f"Steps of linear warmup from 0 to lr ({NON_NEG_COUNT})."
     )
-    boundaries: tuple[PositiveInt, ...] = Field(
-        (), description="piecewise: steps (after warmup) at which lr is multiplied."
+    end_factor: NonNegFinite = Field(
+        0.0, description=f"linear/cosine: final lr as a fraction of lr ({NON_NEGATIVE})."
     )
-    factors: tuple[PositiveFloat, ...] = Field(
-        (), description="piecewise: multiplier applied at each boundary (cumulative)."
+    boundaries: tuple[Count, ...] = Field(
+        (),
+        max_length=LAYERS_MAX,
+        description=f"piecewise: steps after warmup at which lr is multiplied ({COUNT}; at most "
+        f"{LAYERS_MAX}).",
     )
-    step_every: PositiveInt | None = Field(None, description="step: multiply lr every N steps.")
-    gamma: PositiveFloat = Field(0.1, description="step: multiplier applied every step_every.")
+    factors: tuple[PositiveFinite, ...] = Field(
+        (),
+        max_length=LAYERS_MAX,
+        description=f"piecewise: multiplier applied at each boundary, cumulative ({POSITIVE}).",
+    )
+    step_every: Count | None = Field(
+        None, description=f"step: multiply lr every N steps ({COUNT})."
+    )
+    gamma: PositiveFinite = Field(
+        0.1, description=f"step: multiplier applied every step_every ({POSITIVE})."
+    )
     monitor: Literal["eval_loss", "train_loss"] = Field(
         "eval_loss", description="plateau: loss that drives the reduction."
     )
-    factor: Annotated[float, Field(gt=0.0, lt=1.0)] = Field(
-        0.5, description="plateau: lr multiplier on a plateau."
+    factor: OpenFraction = Field(
+        0.5, description=f"plateau: lr multiplier on a plateau ({OPEN_FRACTION})."
     )
-    patience: PositiveInt = Field(
+    patience: Count = Field(
         3,
         description="plateau: evaluations (or accumulated train windows) without improvement "
-        "before the lr is multiplied by factor.",
+        f"before the lr is multiplied by factor ({COUNT}).",
     )
-    cooldown: NonNegativeInt = Field(0, description="plateau: waits after a reduction.")
-    rtol: Annotated[float, Field(ge=0.0, lt=1.0)] = Field(
-        1e-4, description="plateau: relative improvement threshold (0..1)."
+    cooldown: NonNegCount = Field(
+        0, description=f"plateau: waits after a reduction ({NON_NEG_COUNT})."
     )
-    atol: NonNegativeFloat = Field(0.0, description="plateau: absolute improvement threshold.")
-    min_scale: PositiveFloat = Field(1e-3, description="plateau: lowest lr multiplier.")
-    accumulation_size: PositiveInt = Field(
-        50, description="plateau with train_loss: steps averaged into one plateau observation."
+    rtol: Fraction = Field(
+        1e-4, description=f"plateau: relative improvement threshold ({FRACTION})."
+    )
+    atol: NonNegFinite = Field(
+        0.0, description=f"plateau: absolute improvement threshold ({NON_NEGATIVE})."
+    )
+    min_scale: PositiveFinite = Field(
+        1e-3, description=f"plateau: lowest lr multiplier ({POSITIVE})."
+    )
+    accumulation_size: Count = Field(
+        50,
+        description=f"plateau with train_loss: steps averaged into one plateau observation "
+        f"({COUNT}).",
     )
 
     @model_validator(mode="after")
@@ -216,25 +277,32 @@ class ScheduleConfig(_Section):
 
 # ----------------------------------------------------------------------------------------- train
 class TrainConfig(_Section):
-    batch_size: PositiveInt = Field(
-        128, description="Global batch size (all devices); must divide by the data-axis size."
+    batch_size: Count = Field(
+        128,
+        description=f"Global batch size over all devices ({COUNT}); must divide by the "
+        "data-axis size.",
     )
-    epochs: PositiveInt | None = Field(
-        None, description="Passes over the training set; default 10 when steps is not set."
+    epochs: Count | None = Field(
+        None,
+        description=f"Passes over the training set ({COUNT}); default 10 when steps is not set.",
     )
-    steps: PositiveInt | None = Field(None, description="Total steps; overrides epochs when set.")
-    seed: int = Field(0, description="Seed of initialisation, shuffling and dropout.")
-    log_every: PositiveInt = Field(50, description="Steps between metric reads/log lines.")
-    eval_every: PositiveInt | None = Field(
-        None, description="Steps between evaluations; null = at the end of every epoch."
+    steps: Count | None = Field(
+        None, description=f"Total steps ({COUNT}); overrides epochs when set."
     )
-    eval_batch_size: PositiveInt | None = Field(
-        None, description="Global eval batch size; null = batch_size."
+    seed: Seed = Field(0, description=f"Seed of initialisation, shuffling and dropout ({SEED}).")
+    log_every: Count = Field(50, description=f"Steps between metric reads/log lines ({COUNT}).")
+    eval_every: Count | None = Field(
+        None, description=f"Steps between evaluations ({COUNT}); null = at the end of every epoch."
+    )
+    eval_batch_size: Count | None = Field(
+        None, description=f"Global eval batch size ({COUNT}); null = batch_size."
     )
     loss: Literal["cross_entropy", "mse"] = Field(
         "cross_entropy", description="cross_entropy on logits, or mse against one-hot labels."
     )
-    label_smoothing: Fraction = Field(0.0, description="Label smoothing for cross_entropy.")
+    label_smoothing: Fraction = Field(
+        0.0, description=f"Label smoothing for cross_entropy ({FRACTION})."
+    )
     on_nan: Literal["stop", "skip"] = Field(
         "stop",
         description="A step whose loss or gradient norm is not finite never updates the state. "
@@ -254,9 +322,11 @@ class TrainConfig(_Section):
 
 
 class MeshConfig(_Section):
-    data: int = Field(-1, description="Devices on the data axis; -1 = all remaining.")
-    model: PositiveInt = Field(
-        1, description="Devices on the model axis (tensor parallelism; strategy tp)."
+    data: Annotated[int, Field(ge=-1, le=SIZE_MAX)] = Field(
+        -1, description=f"Devices on the data axis ({SIZE}); -1 = all remaining."
+    )
+    model: Size = Field(
+        1, description=f"Devices on the model axis, for tensor parallelism (strategy tp; {SIZE})."
     )
 
     @model_validator(mode="after")
@@ -277,8 +347,8 @@ class ParallelConfig(_Section):
         "of one device's memory, else fsdp.",
     )
     mesh: MeshConfig = Field(default_factory=MeshConfig, description="Mesh axis sizes.")
-    num_devices: PositiveInt | None = Field(
-        None, description="Use only the first N visible devices; null = all."
+    num_devices: Size | None = Field(
+        None, description=f"Use only the first N visible devices ({SIZE}); null = all."
     )
 
     @model_validator(mode="after")
@@ -298,11 +368,13 @@ class PrecisionConfig(_Section):
         "dynamic loss scaling (overflowing steps are skipped and counted).",
     )
     params: Literal["fp32"] = Field("fp32", description="Parameter and optimizer-state dtype.")
-    loss_scale: PositiveFloat = Field(
-        2.0**15, description="fp16: initial loss scale (a power of two)."
+    # float32 on the devices: bounded well inside its range (3.4e38) so doubling stays finite.
+    loss_scale: Annotated[float, Field(gt=0.0, le=2.0**64)] = Field(
+        2.0**15, description="fp16: initial loss scale, a power of two (> 0 to 2^64)."
     )
-    growth_interval: PositiveInt = Field(
-        2000, description="fp16: double the loss scale after this many overflow-free steps."
+    growth_interval: Count = Field(
+        2000,
+        description=f"fp16: double the loss scale after this many overflow-free steps ({COUNT}).",
     )
 
 
@@ -321,11 +393,11 @@ class KeepBestConfig(_Section):
 
 class CheckpointConfig(_Section):
     enabled: bool = Field(True, description="Write checkpoints under <run dir>/checkpoints/.")
-    every_steps: PositiveInt | None = Field(None, description="Save every N steps.")
-    every_epochs: PositiveInt | None = Field(
-        1, description="Save at the end of every N epochs (null: only every_steps)."
+    every_steps: Count | None = Field(None, description=f"Save every N steps ({COUNT}).")
+    every_epochs: Count | None = Field(
+        1, description=f"Save at the end of every N epochs ({COUNT}; null: only every_steps)."
     )
-    keep: PositiveInt = Field(3, description="Keep the newest N checkpoints.")
+    keep: Count = Field(3, description=f"Keep the newest N checkpoints ({COUNT}).")
     keep_best: KeepBestConfig | None = Field(
         None, description="Also keep the best checkpoint by an eval metric."
     )
@@ -343,8 +415,8 @@ class CheckpointConfig(_Section):
 
 
 class OutputConfig(_Section):
-    root: str = Field("runs", description="Parent folder of default run directories.")
-    name: str | None = Field(None, description="Run name prefix; null = the config file's name.")
+    root: Text = Field("runs", description="Parent folder of default run directories.")
+    name: Text | None = Field(None, description="Run name prefix; null = the config file's name.")
     tensorboard: bool = Field(
         True, description="Also write TensorBoard event files into <run dir>/tensorboard/."
     )

@@ -37,7 +37,18 @@ class Source:
 
 
 def dotted(path: Sequence[str | int]) -> str:
+    """A field path as the user writes it: `model.hidden[0]`."""
     out = ""
     for part in path:
-        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
+        text = printable(str(part), limit=60)
+        out += f"[{text}]" if isinstance(part, int) else (f".{text}" if out else text)
     return out or "<root>"
+
+
+def printable(text: str, *, limit: int | None = None) -> str:
+    """`text` as an error message may show it: control characters escaped (a terminal would act
+    on them), and cut after `limit` characters with the full length said."""
+    shown = "".join(ch if ch.isprintable() else ascii(ch)[1:-1] for ch in text)
+    if limit is not None and len(shown) > limit:
+        return f"{shown[:limit]}... ({len(text):,} characters)"
+    return shown
