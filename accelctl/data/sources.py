@@ -8,14 +8,10 @@ how to turn them into floats on the device (4x fewer bytes to move than float32)
 
 from __future__ import annotations
 
-import zipfile
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Protocol
 
 import numpy as np
-
-from accelctl.errors import FieldError, UserError
 
 
 @dataclass(frozen=True)
@@ -122,84 +118,11 @@ def make_synthetic(cfg: Any) -> Dataset:
     )
 
 
-def _read_npz(path_str: str, field: str, x_key: str, y_key: str) -> tuple[np.ndarray, np.ndarray]:
-    path = Path(path_str)
-    fix = (
-        f"Set data.{field} to a .npz file written by numpy.savez with arrays "
-        f"'{x_key}' and '{y_key}'."
-    )
-    if not path.is_file():
-        raise FieldError(("data", field), f"{path} does not exist. {fix}")
-    try:
-        loaded = np.load(path, allow_pickle=False)
-        if not isinstance(loaded, np.lib.npyio.NpzFile):
-            raise FieldError(
-                ("data", field), f"{path} holds a single array (.npy), not named arrays. {fix}"
-            )
-        with loaded as npz:
-            keys = list(npz.keys())
-            missing = [k for k in (x_key, y_key) if k not in keys]
-            if missing:
-                raise FieldError(
-                    ("data", field),
-                    f"{path} has no array {missing[0]!r} (it has: "
-                    f"{', '.join(keys) or 'nothing'}). Set data.x_key / data.y_key to the "
-                    "names used.",
-                )
-            x, y = npz[x_key], npz[y_key]
-    except UserError:
-        raise
-    except (ValueError, OSError, zipfile.BadZipFile, EOFError) as e:
-        raise FieldError(
-            ("data", field), f"{path} is not a readable .npz file ({e}). {fix}"
-        ) from None
-    if x.ndim < 2 or y.ndim != 1 or len(x) != len(y):
-        raise FieldError(
-            ("data", field),
-            f"{path}: expected {x_key} of shape (N, ...) and {y_key} of shape (N,), "
-            f"got {x.shape} and {y.shape}",
-        )
-    if len(y) == 0:
-        raise FieldError(("data", field), f"{path} holds no examples ({x_key} has length 0)")
-    if not np.issubdtype(y.dtype, np.integer):
-        raise FieldError(
-            ("data", field), f"{path}: labels {y_key!r} must be integers (class ids), got {y.dtype}"
-        )
-    if y.min() < 0:
-        raise FieldError(("data", field), f"{path}: labels must be >= 0, found {int(y.min())}")
-    if not (np.issubdtype(x.dtype, np.number) or x.dtype == np.bool_):
-        raise FieldError(("data", field), f"{path}: inputs must be numeric, got {x.dtype}")
-    return x, y.astype(np.int32)
-
-
 def load_npz(cfg: Any) -> Dataset:
-    """A user's arrays; uint8 inputs are normalised to [0, 1] on device, others cast to float32."""
-    x, y = _read_npz(cfg.path, "path", cfg.x_key, cfg.y_key)
-    if cfg.eval_path is not None:
-        ex, ey = _read_npz(cfg.eval_path, "eval_path", cfg.x_key, cfg.y_key)
-        if ex.shape[1:] != x.shape[1:]:
-            raise FieldError(
-                ("data", "eval_path"),
-                f"eval inputs have shape {ex.shape[1:]} per example but the "
-                f"training inputs have {x.shape[1:]}",
-            )
-        if (ex.dtype == np.uint8) != (x.dtype == np.uint8):
-            raise FieldError(
-                ("data", "eval_path"),
-                f"eval inputs are {ex.dtype} but training inputs are {x.dtype}; "
-                "both must be uint8 images (0..255) or both real-valued, so they are scaled alike",
-            )
-        train, ev = Split(x, y), Split(ex, ey)
-    else:
-        train, ev = _holdout(x, y, cfg.eval_fraction, cfg.split_seed)
-    if x.dtype == np.uint8:
-        scale: float | None = 1.0 / 255.0
-    else:
-        train = Split(train.x.astype(np.float32), train.y)
-        ev = Split(ev.x.astype(np.float32), ev.y)
-        scale = None
-    num_classes = int(max(train.y.max(), ev.y.max())) + 1
-    return Dataset(Path(cfg.path).stem, train, ev, max(num_classes, 2), x_scale=scale)
+    """A user's arrays in a .npz file (see data/npz.py)."""
+    from accelctl.data import npz
+
+    return npz.load_npz(cfg)
 
 
 def load_tfds(cfg: Any) -> Dataset:

@@ -11,6 +11,7 @@ from typing import Any
 
 import numpy as np
 
+from accelctl.data.checks import check_data_file
 from accelctl.data.sources import Dataset, Split
 from accelctl.errors import FieldError
 
@@ -85,31 +86,58 @@ def _take(x: np.ndarray, y: np.ndarray, num: int | None, field: str, path: Path)
     return Split(x[:num], y[:num])
 
 
+def _eval_bytes(size: int, fraction: float) -> int:
+    return round(size * fraction)
+
+
+def min_text_bytes(seq_len: int, eval_fraction: float) -> int:
+    """The shortest file that gives one training and one eval window of seq_len + 1 bytes."""
+    w = seq_len + 1
+
+    def enough(size: int) -> bool:
+        n_eval = _eval_bytes(size, eval_fraction)
+        return n_eval >= w and size - n_eval >= w
+
+    # Both parts grow with the size, so the first size that is enough is the answer; the
+    # search starts just below the bound that rounding allows (a few steps at most).
+    size = max(2 * w, int((w - 0.5) / eval_fraction) - 1, int((w - 0.5) / (1 - eval_fraction)) - 1)
+    while not enough(size):
+        size += 1
+    return size
+
+
 def load_text_tokens(cfg: Any) -> Dataset:
-    """A text file as bytes: the first (1 - eval_fraction) of it trains, the rest evaluates."""
+    """A text file as bytes: the first (1 - eval_fraction) of it trains, the rest evaluates.
+
+    Raises:
+        FieldError: on data.path: the file is missing, not a regular file, unreadable, or
+            shorter than one training and one eval window (the message says how long it must
+            be); on data.num_train / num_eval: more windows asked for than the file gives.
+    """
     path = Path(cfg.path)
-    if not path.is_file():
+    fix = "Set data.path to a text file to train on."
+    size = check_data_file(path, "path", fix)
+    t, f = cfg.seq_len, cfg.eval_fraction
+    need = min_text_bytes(t, f)
+    # Checked from the size before reading, so a too-short file is reported without loading it.
+    if size < need:
+        what = "is empty" if size == 0 else f"has {size} bytes"
         raise FieldError(
-            ("data", "path"), f"{path} does not exist. Set data.path to a text file to train on."
+            ("data", "path"),
+            f"{path} {what}: too short for one training and one eval window of "
+            f"seq_len + 1 = {t + 1} bytes with eval_fraction {f}; it needs at least {need} "
+            "bytes. Use a longer file or lower data.seq_len.",
         )
     try:
         data = np.frombuffer(path.read_bytes(), np.uint8)
     except OSError as e:
-        raise FieldError(("data", "path"), f"{path} could not be read ({e}).") from None
-    t = cfg.seq_len
-    n_eval_bytes = round(len(data) * cfg.eval_fraction)
+        raise FieldError(
+            ("data", "path"), f"{path} could not be read ({e}); check its permissions."
+        ) from None
+    n_eval_bytes = _eval_bytes(len(data), f)
     # The split is by position, so no eval byte is ever trained on.
     train_x, train_y = _windows(data[: len(data) - n_eval_bytes], t)
     eval_x, eval_y = _windows(data[len(data) - n_eval_bytes :], t)
-    if len(train_x) == 0 or len(eval_x) == 0:
-        f = cfg.eval_fraction
-        need = int(np.ceil((t + 1) / min(f, 1.0 - f)))
-        raise FieldError(
-            ("data", "path"),
-            f"{path} has {len(data)} bytes: too short for one training and one eval window of "
-            f"seq_len + 1 = {t + 1} bytes with eval_fraction {f} (needs about {need} bytes). "
-            "Use a longer file or lower data.seq_len.",
-        )
     train = _take(train_x, train_y, cfg.num_train, "num_train", path)
     ev = _take(eval_x, eval_y, cfg.num_eval, "num_eval", path)
     return Dataset(path.stem, train, ev, num_classes=BYTE_VOCAB, x_scale=None, tokens=True)
