@@ -1,6 +1,9 @@
 """Decoder-only transformer (GPT-2 layout): token + position embeddings, pre-norm blocks of
 causal self-attention and a gelu MLP, a final LayerNorm and logits over the vocabulary.
 
+Inference can also run incrementally: `init_cache` + `decode` process the prompt once and then
+one token per step against a key/value cache (`accelctl.generate`), with the same parameters.
+
 Weights name their axes Megatron-style, so tensor parallelism splits each block with two
 all-reduces: q/k/v and the MLP input are column-split ("embed", "heads" / "mlp"), the attention
 and MLP outputs row-split ("heads" / "mlp", "embed").
@@ -20,6 +23,8 @@ from accelctl.models.layers import logical
 
 _INIT = nnx.initializers.normal(stddev=0.02)
 _LN_EPS = 1e-5  # GPT-2's LayerNorm epsilon
+# Per block (keys, values), each (batch, length, heads, head_dim): what `Transformer.decode` reads.
+KVCache = tuple[tuple[jax.Array, jax.Array], ...]
 
 
 def _linear(
@@ -55,18 +60,22 @@ def _layer_norm(dim: int, *, dtype: Any, rngs: nnx.Rngs) -> nnx.LayerNorm:
     )
 
 
-def apply_rotary(x: jax.Array) -> jax.Array:
+def apply_rotary(x: jax.Array, offset: int | jax.Array = 0) -> jax.Array:
     """Rotate query or key vectors by their position (RoPE, Su et al. 2021; half-split form).
 
     Args:
         x: (batch, T, heads, head_dim) with an even head_dim.
+        offset: absolute position of x's first step (an int or an int32 scalar, may be traced);
+            a decoding step rotates its one token by where it stands in the whole sequence.
     Returns:
-        Same shape and dtype; pairs (i, i + head_dim/2) rotated by angle pos * 10000^(-2i/d).
+        Same shape and dtype; pairs (i, i + head_dim/2) rotated by angle pos * 10000^(-2i/d),
+        pos = offset + t.
     """
     _, t, _, d = x.shape
     half = d // 2
     freq = 1.0 / (10000.0 ** (jnp.arange(half, dtype=jnp.float32) / half))
-    angle = jnp.arange(t, dtype=jnp.float32)[:, None] * freq[None, :]  # (T, d/2)
+    pos = (jnp.arange(t, dtype=jnp.int32) + offset).astype(jnp.float32)
+    angle = pos[:, None] * freq[None, :]  # (T, d/2)
     cos, sin = jnp.cos(angle)[None, :, None, :], jnp.sin(angle)[None, :, None, :]
     # The angles are float32 whatever the compute dtype: bf16 cannot resolve large positions.
     x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
@@ -115,8 +124,8 @@ class Attention(nnx.Module):
         self.head_dim = embed_dim // num_heads
         self.rotary = rotary
 
-    def __call__(self, x: jax.Array) -> jax.Array:
-        """Return (batch, T, embed_dim) for x (batch, T, embed_dim); position t sees 0..t."""
+    def _qkv(self, x: jax.Array, offset: int | jax.Array) -> tuple[jax.Array, ...]:
+        """q, k, v (batch, T, heads, head_dim) of x (batch, T, embed_dim) starting at `offset`."""
         b, t, _ = x.shape
 
         def heads(proj: nnx.Linear) -> jax.Array:
@@ -124,9 +133,42 @@ class Attention(nnx.Module):
 
         q, k, v = heads(self.query), heads(self.key), heads(self.value)
         if self.rotary:
-            q, k = apply_rotary(q), apply_rotary(k)
+            q, k = apply_rotary(q, offset), apply_rotary(k, offset)
+        return q, k, v
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        """Return (batch, T, embed_dim) for x (batch, T, embed_dim); position t sees 0..t."""
+        b, t, _ = x.shape
+        q, k, v = self._qkv(x, 0)
         y = jax.nn.dot_product_attention(q, k, v, is_causal=True)
         return self.out(y.reshape(b, t, self.num_heads * self.head_dim))
+
+    def decode(
+        self, x: jax.Array, cache: tuple[jax.Array, jax.Array], position: int | jax.Array
+    ) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
+        """Attend a chunk of steps at `position` to itself and to the cached steps before it.
+
+        Args:
+            x: (batch, T, embed_dim), the steps at positions position .. position + T - 1.
+            cache: (keys, values), each (batch, L, heads, head_dim); steps < position filled.
+            position: int32 scalar (may be traced); position + T <= L.
+        Returns:
+            ((batch, T, embed_dim), cache with this chunk's keys and values written in).
+        """
+        b, t, _ = x.shape
+        q, k, v = self._qkv(x, position)
+        zero = jnp.zeros((), jnp.int32)
+        at = (zero, jnp.asarray(position, jnp.int32), zero, zero)
+        keys = jax.lax.dynamic_update_slice(cache[0], k.astype(cache[0].dtype), at)
+        values = jax.lax.dynamic_update_slice(cache[1], v.astype(cache[1].dtype), at)
+        # Step position + i sees the cached steps 0 .. position + i; the rest of the buffer
+        # (zeros, or stale steps of nothing) is masked out.
+        length = keys.shape[1]
+        visible = jnp.arange(length)[None, :] <= (position + jnp.arange(t))[:, None]  # (T, L)
+        y = jax.nn.dot_product_attention(
+            q, keys.astype(q.dtype), values.astype(q.dtype), mask=visible[None, None]
+        )
+        return self.out(y.reshape(b, t, self.num_heads * self.head_dim)), (keys, values)
 
 
 class Block(nnx.Module):
@@ -176,8 +218,23 @@ class Block(nnx.Module):
         """Return (batch, T, embed_dim) for x of the same shape."""
         drop = {"deterministic": not train, "rngs": rngs}
         x = x + self.dropout(self.attn(self.ln1(x)), **drop)
-        h = jax.nn.gelu(self.mlp_in(self.ln2(x)))
-        return x + self.dropout(self.mlp_out(h), **drop)
+        return x + self.dropout(self._mlp(x), **drop)
+
+    def _mlp(self, x: jax.Array) -> jax.Array:
+        # jax.nn.gelu's default approximate=True is the tanh form: GPT-2's "gelu_new".
+        return self.mlp_out(jax.nn.gelu(self.mlp_in(self.ln2(x))))
+
+    def decode(
+        self, x: jax.Array, cache: tuple[jax.Array, jax.Array], position: int | jax.Array
+    ) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
+        """The block on a chunk at `position` with its layer's key/value cache (no dropout).
+
+        Returns:
+            ((batch, T, embed_dim), the updated cache); see `Attention.decode`.
+        """
+        y, cache = self.attn.decode(self.ln1(x), cache, position)
+        x = x + y
+        return x + self._mlp(x), cache
 
 
 class Transformer(nnx.Module):
@@ -286,6 +343,10 @@ class Transformer(nnx.Module):
             )
         )
         self.dropout = nnx.Dropout(dropout)
+        # Static attributes (no weights, nothing in a checkpoint) that `init_cache` reads.
+        self.max_len = max_len
+        self.num_heads = num_heads
+        self.compute_dtype = dtype
 
     def __call__(self, x: jax.Array, *, train: bool, rngs: nnx.Rngs | None = None) -> jax.Array:
         """Return next-token logits (batch, T, vocab) for token ids x (batch, T).
@@ -305,3 +366,49 @@ class Transformer(nnx.Module):
             h = block(h, train=train, rngs=rngs)
         h = self.ln_f(h)
         return self.embed.attend(h) if self.head is None else self.head(h)
+
+    def init_cache(self, batch: int, length: int | None = None, dtype: Any = None) -> KVCache:
+        """Empty key/value buffers for `decode`.
+
+        Args:
+            batch: sequences decoded together.
+            length: positions the buffers hold (None: max_len); prompt + new tokens must fit.
+            dtype: buffer dtype (None: the compute dtype, float32 by default).
+        Returns:
+            One (keys, values) pair per block, each zeros (batch, length, heads, head_dim).
+        """
+        length = self.max_len if length is None else length
+        if length > self.max_len:
+            raise ValueError(f"cache length {length} is longer than max_len {self.max_len}")
+        head_dim = self.embed.features // self.num_heads
+        shape = (batch, length, self.num_heads, head_dim)
+        dtype = dtype or self.compute_dtype or jnp.float32
+        return tuple((jnp.zeros(shape, dtype), jnp.zeros(shape, dtype)) for _ in self.blocks)
+
+    def decode(
+        self, x: jax.Array, cache: KVCache, position: int | jax.Array
+    ) -> tuple[jax.Array, KVCache]:
+        """Next-token logits for a chunk of tokens that continues the cached ones (inference).
+
+        The prompt goes in as one chunk at position 0, then each sampled token as a chunk of one
+        at the next position: every step costs one token's work plus attention over the cache,
+        instead of `__call__` over the whole sequence so far. Same parameters and, up to float
+        rounding, the same logits as `__call__` on the whole sequence.
+
+        Args:
+            x: integer token ids (batch, T) at positions position .. position + T - 1.
+            cache: from `init_cache` or the previous `decode`; steps < position filled.
+            position: int32 scalar (may be traced); position + T <= the cache length.
+        Returns:
+            (logits (batch, T, vocab) in the compute dtype, the cache with these T steps added).
+        """
+        h = self.embed(x)
+        if self.pos_embed is not None:
+            h = h + self.pos_embed(position + jnp.arange(x.shape[1]))[None]
+        new_cache = []
+        for block, layer_cache in zip(self.blocks, cache, strict=True):
+            h, layer_cache = block.decode(h, layer_cache, position)
+            new_cache.append(layer_cache)
+        h = self.ln_f(h)
+        logits = self.embed.attend(h) if self.head is None else self.head(h)
+        return logits, tuple(new_cache)
