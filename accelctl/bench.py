@@ -16,6 +16,7 @@ order and in one process:
 
 from __future__ import annotations
 
+import json
 import statistics
 import tempfile
 import time
@@ -24,7 +25,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import yaml
 
 from accelctl import config as config_mod
 from accelctl.config import Config
@@ -32,20 +32,21 @@ from accelctl.errors import UserError
 
 SCHEMA = "accelctl.bench/1"
 LOOP_SECONDS = 2.0
-ROOT = Path(__file__).resolve().parents[1]
-# The built-in suite: shipped configs, their tfds data swapped for synthetic data of the same
-# shape (so it runs offline and measures the step, not a data set).
-# The GPT workload's config already uses synthetic tokens; gpt_small (configs/) is the GPU one.
+# The built-in suite: shipped configs (accelctl/configs/), their tfds data swapped for synthetic
+# data of the same shape (so it runs offline and measures the step, not a data set).
+# The GPT workload's config already uses synthetic tokens; gpt_small is the GPU one.
 BUILTIN = {
-    "mnist_mlp": ("mnist_mlp.yaml", [28, 28, 1]),
-    "mnist_cnn": ("mnist_cnn.yaml", [28, 28, 1]),
-    "cifar10_resnet": ("cifar10_resnet.yaml", [32, 32, 3]),
-    "gpt_tiny": ("gpt_tiny.yaml", None),
+    "mnist_mlp": ("mnist_mlp", [28, 28, 1]),
+    "mnist_cnn": ("mnist_cnn", [28, 28, 1]),
+    "cifar10_resnet": ("cifar10_resnet", [32, 32, 3]),
+    "gpt_tiny": ("gpt_tiny", None),
 }
 
+Workload = tuple[str, Config]
 
-def builtin_config(name: str, *, num_train: int = 60000, dtype: str = "uint8") -> dict[str, Any]:
-    """A built-in workload's config as a dict: the shipped config with synthetic data.
+
+def builtin_config(name: str, *, num_train: int = 60000, dtype: str = "uint8") -> Config:
+    """A built-in workload: the shipped config with synthetic data of the real set's shape.
 
     Args:
         name: a key of BUILTIN.
@@ -53,11 +54,15 @@ def builtin_config(name: str, *, num_train: int = 60000, dtype: str = "uint8") -
         dtype: uint8 (as tfds images arrive) or float32.
     """
     file, shape = BUILTIN[name]
-    cfg = yaml.safe_load((ROOT / "configs" / file).read_text())
+    cfg = config_mod.load(file)
     if shape is None:
         return cfg
-    kept = {k: v for k, v in cfg["data"].items() if k in ("augment", "mean", "std", "prefetch")}
-    cfg["data"] = {
+    kept = {
+        k: v
+        for k, v in cfg.to_dict()["data"].items()
+        if k in ("augment", "mean", "std", "prefetch")
+    }
+    data = {
         "source": "synthetic",
         "shape": shape,
         "num_classes": 10,
@@ -66,52 +71,46 @@ def builtin_config(name: str, *, num_train: int = 60000, dtype: str = "uint8") -
         "dtype": dtype,
         **kept,
     }
-    return cfg
+    return config_mod.replace(cfg, {"data": data}, merge=False)
 
 
-def _override(cfg: Config, **sections: dict[str, Any]) -> Config:
-    """`cfg` with fields of some sections replaced, validated again."""
-    d = cfg.to_dict()
-    for name, fields in sections.items():
-        d[name] = {**d[name], **fields}
-    return config_mod.load_text(yaml.safe_dump(d), "<bench>")
-
-
-def _workload_config(
-    base: dict[str, Any], *, batch: int | None, precision: str, steps: int
-) -> Config:
-    cfg = dict(base)
-    train = {k: v for k, v in cfg.get("train", {}).items() if k not in ("epochs", "eval_every")}
-    if batch is not None:
-        train["batch_size"] = batch
-    # One evaluation at the end (excluded from the loop's rate) and one log read per interval.
-    train.update(steps=steps, eval_every=steps, log_every=max(steps // 4, 1))
-    cfg["train"] = train
-    cfg["precision"] = {**cfg.get("precision", {}), "compute": precision}
-    cfg["checkpoint"] = {"enabled": False}
-    data = dict(cfg["data"])
-    synthetic_tokens = data.get("source") == "tokens" and data.get("kind") != "text"
-    if data.get("source") == "synthetic" or synthetic_tokens:
+def _workload_config(cfg: Config, *, batch: int | None, precision: str, steps: int) -> Config:
+    batch = batch or cfg.train.batch_size
+    data: dict[str, Any] = {"cache": "host"}  # the loop measurement is the host-fed pipeline
+    synthetic_tokens = cfg.data.source == "tokens" and getattr(cfg.data, "kind", "") != "text"
+    if cfg.data.source == "synthetic" or synthetic_tokens:
         # Enough examples for the steps without repeating an epoch too often; small to set up.
-        data["num_train"] = min(
-            int(data.get("num_train", 60000)), max(train.get("batch_size", 128) * 16, 1024)
-        )
-    data["cache"] = "host"  # the loop measurement is the host-fed pipeline
-    cfg["data"] = data
-    return config_mod.load_text(yaml.safe_dump(cfg), "<bench>")
+        have = getattr(cfg.data, "num_train", None) or 60000
+        data["num_train"] = min(int(have), max(batch * 16, 1024))
+    # One evaluation at the end (excluded from the loop's rate) and one log read per interval.
+    return config_mod.replace(
+        cfg,
+        {
+            "train": {
+                "batch_size": batch,
+                "epochs": None,
+                "steps": steps,
+                "eval_every": steps,
+                "log_every": max(steps // 4, 1),
+            },
+            "precision.compute": precision,
+            "checkpoint": {"enabled": False},
+            "data": data,
+        },
+    )
 
 
 def _percentile(values: list[float], q: float) -> float:
     return float(np.percentile(np.asarray(values), q))
 
 
-def _time_compile(setup: Any) -> float:
+def _time_compile(job: Any) -> float:
     """Warm compile: drop the in-memory executables, lower again, load from the disk cache."""
     import jax
 
     jax.clear_caches()
     t0 = time.perf_counter()
-    setup.train_jit.lower(setup.state, setup.abstract_feed).compile()
+    job.steps.train_jit.lower(job.state.abstract, job.feed.abstract_input).compile()
     return time.perf_counter() - t0
 
 
@@ -120,19 +119,19 @@ def _long_enough(steps: int, step_s: float) -> int:
     return int(min(max(steps, LOOP_SECONDS / max(step_s, 1e-6)), 20000))
 
 
-def _bare_step(setup: Any, batch: Any, *, steps: int, warmup: int) -> dict[str, float]:
+def _bare_step(job: Any, batch: Any, *, steps: int, warmup: int) -> dict[str, float]:
     import jax
 
     from accelctl.train.loop import bound_in_flight
 
-    state = setup.state
+    state, train_step = job.state.init(), job.steps.train
     for _ in range(warmup):
-        state, _ = setup.train_step(state, batch)
+        state, _ = train_step(state, batch)
     jax.block_until_ready(state)
     times = []
     for _ in range(steps):
         t0 = time.perf_counter()
-        state, _ = setup.train_step(state, batch)
+        state, _ = train_step(state, batch)
         jax.block_until_ready(state)
         times.append(time.perf_counter() - t0)
     # Dispatched back to back with one sync at the end, in three windows of together about
@@ -143,12 +142,11 @@ def _bare_step(setup: Any, batch: Any, *, steps: int, warmup: int) -> dict[str, 
         in_flight: deque[Any] = deque()
         t0 = time.perf_counter()
         for _ in range(max(n // 3, 1)):
-            state, out = setup.train_step(state, batch)
+            state, out = train_step(state, batch)
             bound_in_flight(in_flight, out)  # as the training loop does
         jax.block_until_ready(state)
         windows.append((time.perf_counter() - t0) / max(n // 3, 1))
     pipelined = statistics.median(windows)
-    setup.state = state
     return {
         "median": statistics.median(times),
         "p90": _percentile(times, 90),
@@ -159,14 +157,14 @@ def _bare_step(setup: Any, batch: Any, *, steps: int, warmup: int) -> dict[str, 
     }
 
 
-def _h2d(setup: Any, host_batch: dict[str, np.ndarray], repeats: int = 10) -> dict[str, float]:
+def _h2d(job: Any, host_batch: dict[str, np.ndarray], repeats: int = 10) -> dict[str, float]:
     import jax
 
     nbytes = sum(int(v.nbytes) for v in host_batch.values())
     times = []
     for _ in range(repeats):
         t0 = time.perf_counter()
-        jax.block_until_ready(setup.put_fn(host_batch))
+        jax.block_until_ready(job.feed.put_fn(host_batch))
         times.append(time.perf_counter() - t0)
     return {"bytes": nbytes, "bytes_per_s": nbytes / statistics.median(times)}
 
@@ -194,87 +192,78 @@ def _memory(compiled: Any, device: Any) -> dict[str, int | None]:
 
 def bench_workload(name: str, cfg: Config, *, steps: int, warmup: int) -> dict[str, Any]:
     """Measure one workload (see the module docstring). Returns one result row of the schema."""
-
     from accelctl import data
     from accelctl.devices import peak_flops
-    from accelctl.metrics import NullWriter
-    from accelctl.train.loop import run
-    from accelctl.train.setup import make_setup
+    from accelctl.train import fit
+    from accelctl.train.job import build_job
 
-    setup = make_setup(cfg)  # compiles the train step: the cold compile (fresh cache folder)
-    cold = setup.compile_time_s
-    warm = _time_compile(setup)
+    job = build_job(cfg)  # compiles the train step: the cold compile (fresh cache folder)
+    cold = job.steps.compile_time_s
+    warm = _time_compile(job)
+    batch_size = job.sizes.batch
     host_batch = next(
-        data.train_batches(setup.dataset.train, setup.batch_size, seed=0, start_step=0, num_steps=1)
+        data.train_batches(job.dataset.train, batch_size, seed=0, start_step=0, num_steps=1)
     )
-    batch = (setup.train_put_fn or setup.put_fn)(host_batch)
-    bare = _bare_step(setup, batch, steps=steps, warmup=warmup)
-    devices = int(setup.mesh.devices.size)
-    device = setup.mesh.devices.flat[0]
-    tokens = setup.dataset.input_shape[0] if setup.dataset.tokens else None
-    per_device = float((setup.train_step.cost_analysis() or {}).get("flops", 0.0))
+    batch = job.feed.train_put_fn(host_batch)
+    bare = _bare_step(job, batch, steps=steps, warmup=warmup)
+    devices = int(job.mesh.devices.size)
+    device = job.mesh.devices.flat[0]
+    tokens = job.dataset.input_shape[0] if job.dataset.tokens else None
+    per_device = float((job.steps.train.cost_analysis() or {}).get("flops", 0.0))
     flops = per_device * devices  # the partitioned program's count, times its copies
     flops_per_s = flops / bare["median"] if flops else None
     peak = peak_flops(device.device_kind, cfg.precision.compute)
-    h2d = _h2d(setup, host_batch)
+    h2d = _h2d(job, host_batch)
 
     # The real loop on a fresh state (prefetch thread, host batches, metric reads), for at
     # least the timed steps and about LOOP_SECONDS, so tiny steps are not timed over a blink.
     n = warmup + bare["pipelined_steps"]
-    loop_cfg = _override(cfg, train={"steps": n, "eval_every": n, "log_every": max(n // 4, 1)})
-    summary = run(make_setup(loop_cfg), NullWriter())
-    bare_rate = setup.batch_size / bare["pipelined"]
+    loop = fit(
+        build_job(
+            config_mod.replace(
+                cfg, {"train": {"steps": n, "eval_every": n, "log_every": max(n // 4, 1)}}
+            )
+        )
+    )
+    bare_rate = batch_size / bare["pipelined"]
     return {
         "workload": name,
-        "batch_size": setup.batch_size,
+        "batch_size": batch_size,
         "precision": cfg.precision.compute,
-        "strategy": setup.strategy,
+        "strategy": job.state.strategy,
         "devices": devices,
         "device_kind": device.device_kind,
         "platform": device.platform,
-        "num_params": setup.num_params,
+        "num_params": job.state.num_params,
         "steps": steps,
         "warmup": warmup,
         "compile_s": {"cold": cold, "warm": warm},
         "step_time_s": {k: bare[k] for k in ("median", "p90", "min", "mean")},
-        "samples_per_s": setup.batch_size / bare["median"],
+        "samples_per_s": batch_size / bare["median"],
         # Language models: positions predicted per second (samples/s x sequence length).
-        "tokens_per_s": setup.batch_size * tokens / bare["median"] if tokens else None,
+        "tokens_per_s": batch_size * tokens / bare["median"] if tokens else None,
         "pipelined_samples_per_s": bare_rate,
         "flops_per_step": flops or None,
         "flops_per_s": flops_per_s,
         "peak_flops_per_s": peak * devices if peak else None,
         "mfu": flops_per_s / (peak * devices) if (peak and flops_per_s) else None,
-        "memory": _memory(setup.train_step, device),
+        "memory": _memory(job.steps.train, device),
         "h2d": h2d,
         "loop": {
             "steps": n,
-            "samples_per_s": summary["train_samples_per_s"],
-            "input_wait_fraction": summary["steady_input_wait_fraction"],
-            "vs_bare_step": summary["train_samples_per_s"] / bare_rate,
+            "samples_per_s": loop["train_samples_per_s"],
+            "input_wait_fraction": loop["steady_input_wait_fraction"],
+            "vs_bare_step": loop["train_samples_per_s"] / bare_rate,
         },
     }
 
 
-def _target_shape(setup: Any) -> tuple[int, ...]:
-    """One example's targets: () for a class label, (T,) for next-token targets."""
-    return setup.dataset.input_shape if setup.dataset.tokens else ()
-
-
-def _fits(setup: Any, batch: int, limit: int) -> tuple[bool, int]:
+def _fits(job: Any, batch: int, limit: int) -> tuple[bool, int]:
     """Compile the train step for `batch` from abstract shapes; (fits, bytes per device)."""
-    import jax
+    from accelctl.train.feed import abstract_batch
 
-    from accelctl import parallel
-
-    sh = parallel.batch_sharding(setup.mesh)
-    feed = {
-        "x": jax.ShapeDtypeStruct(
-            (batch, *setup.dataset.input_shape), setup.dataset.train.x_dtype, sharding=sh
-        ),
-        "y": jax.ShapeDtypeStruct((batch, *_target_shape(setup)), np.int32, sharding=sh),
-    }
-    compiled = setup.train_jit.lower(setup.state, feed).compile()
+    feed = abstract_batch(job.dataset, job.mesh, (batch,))
+    compiled = job.steps.train_jit.lower(job.state.abstract, feed).compile()
     need = _memory(compiled, None)["total_bytes"] or 0
     return need <= limit, int(need)
 
@@ -301,22 +290,24 @@ def find_max_batch(
         UserError: no limit known (CPU) and none given; not even the smallest batch fits.
     """
     from accelctl.devices import memory_limit as device_limit
-    from accelctl.train.setup import make_setup
+    from accelctl.train.job import build_job
 
     # Host-fed: the probes lower the step for plain (batch, ...) inputs, and the search is about
     # the step's own memory (a device-cached split would add its size at every batch).
-    setup = make_setup(_override(cfg, data={"cache": "host"}), compile_train=False)
-    unit = setup.mesh.shape["data"]
-    limit = memory_limit if memory_limit is not None else device_limit(setup.mesh.devices.flat[0])
+    job = build_job(config_mod.replace(cfg, {"data.cache": "host"}), compile_train=False)
+    unit = job.mesh.shape["data"]
+    limit = memory_limit if memory_limit is not None else device_limit(job.mesh.devices.flat[0])
     if limit is None:
         raise UserError(
-            "--find-max-batch: this device reports no memory limit (the CPU backend never "
-            "does); give one with --memory-limit BYTES (e.g. 8e9)"
+            "this device reports no memory limit (the CPU backend never does); give one with "
+            "{memory_limit} BYTES (e.g. 8e9)",
+            param="find_max_batch",
+            value="",
         )
     probes: list[dict[str, Any]] = []
 
     def probe(batch: int) -> bool:
-        ok, need = _fits(setup, batch, limit)
+        ok, need = _fits(job, batch, limit)
         probes.append({"batch_size": batch, "bytes": need, "fits": ok})
         return ok
 
@@ -330,8 +321,10 @@ def find_max_batch(
             break
     if lo == 0:
         raise UserError(
-            f"--find-max-batch: even a batch of {unit} needs {probes[0]['bytes']:,} bytes per "
-            f"device, more than the {limit:,} available"
+            f"even a batch of {unit} needs {probes[0]['bytes']:,} bytes per device, more than "
+            f"the {limit:,} available",
+            param="find_max_batch",
+            value="",
         )
     if hi is not None:
         while hi - lo > unit:
@@ -351,14 +344,46 @@ def find_max_batch(
 
 
 def find_max_batches(
-    workloads: list[tuple[str, dict[str, Any]]], *, memory_limit: int | None = None
+    workloads: list[Workload], *, memory_limit: int | None = None
 ) -> dict[str, Any]:
-    """`find_max_batch` for every (name, config dict) workload (`bench --find-max-batch`)."""
+    """`find_max_batch` for every (name, config) workload (`bench --find-max-batch`)."""
     results = []
-    for name, base in workloads:
-        cfg = config_mod.load_text(yaml.safe_dump(base), name)
+    for name, cfg in workloads:
         results.append({"workload": name, **find_max_batch(cfg, memory_limit=memory_limit)})
     return {"schema": SCHEMA, "find_max_batch": results}
+
+
+def load_baseline(path: Path) -> dict[str, Any]:
+    """Read a previous `bench --json` result to compare against.
+
+    Raises:
+        UserError (param "baseline"): unreadable, not JSON, or rows lacking what `compare` reads.
+    """
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, ValueError) as e:
+        raise UserError(f"cannot read it as JSON ({e})", param="baseline", value=path) from None
+    if not isinstance(data, dict) or not isinstance(data.get("results"), list):
+        raise UserError(
+            "not an `accelctl bench --json` result (no 'results' list)",
+            param="baseline",
+            value=path,
+        )
+    keys = ("workload", "batch_size", "precision", "devices", "samples_per_s")
+    for i, row in enumerate(data["results"]):
+        missing = [k for k in keys if not isinstance(row, dict) or k not in row]
+        if not missing and not (
+            isinstance(row["samples_per_s"], int | float) and row["samples_per_s"] > 0
+        ):
+            missing = ["a positive samples_per_s"]
+        if missing:
+            raise UserError(
+                f"results[{i}] lacks {', '.join(missing)}; use a file written by "
+                "`accelctl bench --json`",
+                param="baseline",
+                value=path,
+            )
+    return data
 
 
 def compare(
@@ -394,7 +419,7 @@ def compare(
 
 
 def run_bench(
-    workloads: list[tuple[str, dict[str, Any]]],
+    workloads: list[Workload],
     *,
     batch_sizes: list[int] | None = None,
     precisions: list[str] | None = None,
@@ -405,7 +430,7 @@ def run_bench(
     """Benchmark every workload at every batch size and precision (the `bench` command).
 
     Args:
-        workloads: (name, config dict) pairs; see `builtin_config`.
+        workloads: (name, config) pairs; see `builtin_config`.
         batch_sizes: global batch sizes; None = each config's own.
         precisions: compute dtypes; None = ["fp32"].
         steps, warmup: timed steps and untimed warm-up steps.

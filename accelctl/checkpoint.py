@@ -73,11 +73,26 @@ def _ocp() -> Any:
     return ocp
 
 
-def _manager(directory: Path, cfg: CheckpointConfig | None) -> Any:
-    """A CheckpointManager over `directory`; read-only when `cfg` is None."""
+def _manager(
+    directory: Path, cfg: CheckpointConfig | None, *, partial: bool = False, partial_bytes: int = 0
+) -> Any:
+    """A CheckpointManager over `directory`; read-only when `cfg` is None.
+
+    `partial`: read the state with the PyTree handler, which can restore a subtree alone (the
+    standard handler writes the same format but restores whole trees only); `partial_bytes` is
+    the largest array it will read.
+    """
     ocp = _ocp()
     cm = ocp.checkpoint_managers
-    handlers = {"state": ocp.StandardCheckpointHandler(), "meta": ocp.JsonCheckpointHandler()}
+    if partial:
+        # Reads staged in host memory at once: the largest array, or 64 MB of smaller ones.
+        # A partial restore serves evaluation and export, where host memory is the point
+        # (orbax's default stages everything at once: a second copy of the model).
+        staged = (max(partial_bytes, 64 << 20) + (1 << 20)) / 1e9  # + 1 MB: GB float rounding
+        state_handler = ocp.PyTreeCheckpointHandler(restore_concurrent_gb=staged)
+    else:
+        state_handler = ocp.StandardCheckpointHandler()
+    handlers = {"state": state_handler, "meta": ocp.JsonCheckpointHandler()}
     if cfg is None:
         options = ocp.CheckpointManagerOptions(read_only=True, create=False)
     else:
@@ -241,9 +256,19 @@ def _shapes(tree: Any) -> dict[str, tuple[int, ...]]:
     return {_path_str(p): _shape(leaf) for p, leaf in flat}
 
 
-def _check_structure(saved: Any, abstract_state: Any, where: Path) -> None:
-    """Raise IncompatibleCheckpoint listing arrays that are missing, extra or of another shape."""
+def _nbytes(leaf: Any) -> int:
+    size = 1
+    for d in getattr(leaf, "shape", ()):
+        size *= int(d)
+    return size * getattr(getattr(leaf, "dtype", None), "itemsize", 4)
+
+
+def _check_structure(saved: Any, abstract_state: Any, where: Path, *, partial: bool) -> None:
+    """Raise IncompatibleCheckpoint listing arrays that are missing, extra or of another shape
+    (with `partial`, arrays the target does not ask for are not "extra")."""
     have, want = _shapes(saved), _shapes(abstract_state)
+    if partial:
+        have = {k: v for k, v in have.items() if k.split(".", 1)[0] in abstract_state}
     diffs = [
         f"{k}: checkpoint {have[k]} vs config {want[k]}"
         for k in sorted(have.keys() & want.keys())
@@ -302,12 +327,15 @@ def restore(
     *,
     step: int | None = None,
     check_meta_fn: Callable[[dict[str, Any], Path], None] | None = None,
+    partial: bool = False,
 ) -> Restored:
     """Restore the newest readable checkpoint in `directory` (or exactly `step`).
 
     Args:
         directory: a checkpoints folder.
         abstract_state: pytree of ShapeDtypeStructs with shardings: the restored arrays get them.
+            With `partial`, a dict of some of the state's top-level fields (e.g. params and
+            model_state): only those are read and allocated.
         step: restore this step only (no fallback).
         check_meta_fn: called with (meta, path) before the state is read; raises a UserError
             when the checkpoint must not be used (e.g. an incompatible config).
@@ -333,9 +361,17 @@ def restore(
         raise UserError(
             f"{directory} holds no complete checkpoint"
             + (" (only ones that were still being written)" if notes else "")
-            + "; start a fresh run instead (leave out --resume)"
+            + "; start a fresh run instead (leave out {resume})"
         )
-    mngr = _manager(directory, None)
+    largest = max((_nbytes(x) for x in jax.tree.leaves(abstract_state)), default=0)
+    mngr = _manager(directory, None, partial=partial, partial_bytes=largest)
+    if partial:
+        restore_args = ocp.checkpoint_utils.construct_restore_args(abstract_state)
+        state_args = ocp.args.PyTreeRestore(
+            item=abstract_state, restore_args=restore_args, partial_restore=True
+        )
+    else:
+        state_args = ocp.args.StandardRestore(abstract_state)
     try:
         for s in reversed(steps):
             path = directory / str(s)
@@ -343,10 +379,9 @@ def restore(
                 meta = _read_meta(mngr, s)
                 if check_meta_fn is not None:
                     check_meta_fn(meta, path)
-                _check_structure(mngr.item_metadata(s)["state"], abstract_state, path)
-                state = mngr.restore(
-                    s, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state))
-                ).state
+                saved = mngr.item_metadata(s)["state"]
+                _check_structure(saved, abstract_state, path, partial=partial)
+                state = mngr.restore(s, args=ocp.args.Composite(state=state_args)).state
             except UserError:
                 raise
             except Exception as e:  # noqa: BLE001 - any unreadable checkpoint falls back
@@ -374,7 +409,7 @@ def find_checkpoint(path: Path) -> tuple[Path, int | None]:
     if not path.exists():
         steps = complete_steps(path.parent) if path.name.isdigit() else []
         have = f"; {path.parent} has steps {', '.join(map(str, steps))}" if steps else ""
-        raise UserError(f"--checkpoint {path} does not exist{have}")
+        raise UserError(f"does not exist{have}", param="checkpoint", value=path)
     if (path / CHECKPOINT_DIR).is_dir():
         return path / CHECKPOINT_DIR, None
     if path.is_dir() and path.name.isdigit() and (path / "state").exists():
@@ -382,6 +417,8 @@ def find_checkpoint(path: Path) -> tuple[Path, int | None]:
     if path.is_dir() and (complete_steps(path) or incomplete_checkpoints(path)):
         return path, None
     raise UserError(
-        f"--checkpoint {path}: not a run directory, a checkpoints folder or a checkpoint step "
-        f"folder (expected {path}/{CHECKPOINT_DIR}/<step>/ or {path}/<step>/state)"
+        "not a run directory, a checkpoints folder or a checkpoint step folder (expected "
+        f"{path}/{CHECKPOINT_DIR}/<step>/ or {path}/<step>/state)",
+        param="checkpoint",
+        value=path,
     )

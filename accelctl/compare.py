@@ -19,9 +19,9 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import yaml
-
-from accelctl.errors import UserError
+from accelctl import config as config_mod
+from accelctl.config import Config
+from accelctl.devices import discover
 
 SCHEMA = "accelctl.compare/1"
 ACCELERATORS = ("gpu", "tpu")
@@ -40,16 +40,6 @@ def _child_env(platform: str) -> dict[str, str]:
     if platform == "cpu":
         env["JAX_PLATFORMS"] = "cpu"
     return env
-
-
-def discover(timeout: float = 300) -> dict[str, Any]:
-    """`accelctl env --json -` in a child process: the backends and their device counts."""
-    code, out, err = _run(
-        [sys.executable, "-m", "accelctl", "env", "--json", "-"], dict(os.environ), timeout
-    )
-    if code != 0:
-        raise UserError(f"could not list the devices: {_last_line(err)}")
-    return json.loads(out)
 
 
 def device_sets(report: dict[str, Any], cpu_devices: int) -> list[dict[str, Any]]:
@@ -71,7 +61,7 @@ def device_sets(report: dict[str, Any], cpu_devices: int) -> list[dict[str, Any]
 
 
 def measure(
-    cfg: dict[str, Any],
+    cfg: Config,
     dset: dict[str, Any],
     *,
     steps: int,
@@ -82,21 +72,24 @@ def measure(
     """One `accelctl bench` process on one device set; its result row or {"error": reason}.
 
     Args:
-        cfg: the workload's config as a dict.
+        cfg: the workload's config.
         dset: {"platform": cpu|gpu|tpu|None (the default backend), "devices": N or None (all),
             "strategy", optional "model": the tp mesh's model-axis size}.
         steps, warmup, timeout, precision: for `accelctl bench`.
     """
-    cfg = dict(cfg)
-    cfg["parallel"] = {
-        **cfg.get("parallel", {}),
-        "strategy": dset["strategy"],
-        "num_devices": dset["devices"],
-        "mesh": {"data": -1, "model": dset.get("model", 1)},
-    }
+    cfg = config_mod.replace(
+        cfg,
+        {
+            "parallel": {
+                "strategy": dset["strategy"],
+                "num_devices": dset["devices"],
+                "mesh": {"data": -1, "model": dset.get("model", 1)},
+            }
+        },
+    )
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "workload.yaml"
-        path.write_text(yaml.safe_dump(cfg))
+        path.write_text(cfg.to_yaml())  # the child `accelctl bench` reads it
         cmd = [sys.executable, "-m", "accelctl", "bench", str(path), "--json", "-"]
         cmd += ["--steps", str(steps), "--warmup", str(warmup), "--precision", precision]
         if dset["platform"] == "cpu" and dset["devices"]:
@@ -150,7 +143,7 @@ def _add_ratios(rows: list[dict[str, Any]]) -> None:
 
 def compare_devices(
     name: str,
-    cfg: dict[str, Any],
+    cfg: Config,
     *,
     cpu_devices: int,
     steps: int = 30,
@@ -162,7 +155,7 @@ def compare_devices(
 
     Args:
         name: the workload's name for the report.
-        cfg: its config as a dict.
+        cfg: its config.
         cpu_devices: host devices for the multi-device CPU sets (1: CPU with 1 device only).
         steps, warmup: passed to each `accelctl bench`.
         timeout: seconds per measurement; a set that takes longer gets an error row.
@@ -173,7 +166,7 @@ def compare_devices(
         step_time_median_s, compile_s, mfu, memory_bytes_per_device, speedup_vs_cpu,
         scaling_efficiency, and error (null, or the reason the set failed).
     """
-    report = discover(timeout)
+    report = discover(timeout)  # in a child process: this one never takes GPU memory
     accelerators = {
         k: v for k, v in report["backends"].items() if k in ACCELERATORS and "devices" in v
     }

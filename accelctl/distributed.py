@@ -105,9 +105,10 @@ def initialize(spec: ProcessSpec, *, timeout_s: int = 300, heartbeat_s: int = 10
         UserError: backends already initialised, or the coordinator not reached in time.
     """
     import jax
-    from jax._src import xla_bridge
 
-    if xla_bridge.backends_are_initialized():
+    from accelctl.devices import backends_initialised
+
+    if backends_initialised():
         raise UserError(
             "jax.distributed must be initialised before any JAX computation, but this process "
             "has already started JAX's backends"

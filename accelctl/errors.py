@@ -1,15 +1,95 @@
-"""Errors caused by the user's input (config, flags, data files), as opposed to internal bugs.
+"""The errors accelctl reports without a traceback, each with the exit code the CLI uses for it.
 
-Each carries the process exit code the CLI uses for it (documented in the README):
-2 bad input, 3 training stopped on a non-finite loss, 75 preempted (checkpoint written; resume).
+Two families, kept apart because they mean different things to a user and to a scheduler:
+- `UserError` (exit 2): bad input — a config, a flag, a data file, a checkpoint, an output path.
+  Nothing was trained; fix the input and run again.
+- `RunStopped`: the input was fine but the run ended early — a non-finite loss (3), preemption
+  (75, resume it), and the other stops documented in the README.
+
+The library never names a command-line flag. An error about a parameter carries its name
+(`param="run_dir"`) and value; messages refer to other parameters as `{resume}`-style
+placeholders. `str(error)` spells them as Python parameters (`run_dir=...`, `resume`), and the CLI
+renders the same error with its flag names (`--run-dir ...`, `--resume`) via `render()`.
 """
 
+from __future__ import annotations
 
-class UserError(Exception):
-    """Bad input: the CLI prints the message without a traceback and exits with `exit_code`.
+import re
+from collections.abc import Mapping
+from typing import Any
 
-    The message must say what is wrong, where (file, line, field) and how to fix it.
+_PLACEHOLDER = re.compile(r"\{([a-z][a-z0-9_]*)\}")
+# The parameters messages may refer to as `{name}` (the CLI spells each as a flag). Other text in
+# braces (e.g. a user's config value quoted in a message) is left as it is.
+PARAMS = frozenset(
+    {
+        "baseline",
+        "batch_size",
+        "checkpoint",
+        "coordinator",
+        "cpu_devices",
+        "devices_per_process",
+        "dist_timeout",
+        "find_max_batch",
+        "json_out",
+        "memory_limit",
+        "num_processes",
+        "output",
+        "overrides",
+        "platform",
+        "plot",
+        "precision",
+        "process_id",
+        "resume",
+        "run_dir",
+        "steps",
+    }
+)
+
+
+class AccelctlError(Exception):
+    """Base of every error reported as a message (no traceback) with `exit_code`.
+
+    Args:
+        message: what is wrong, where and how to fix it; `{param}` placeholders name other
+            parameters (rendered as flags by the CLI).
+        param: the parameter whose value is wrong (e.g. "run_dir"), or None.
+        value: that value (a path, a number), shown after the parameter's name (None or "":
+            the parameter is a switch, only its name is shown).
     """
+
+    exit_code = 1
+
+    def __init__(self, message: str, *, param: str | None = None, value: Any = None) -> None:
+        self.message, self.param, self.value = message, param, value
+        super().__init__(message)
+
+    def render(self, names: Mapping[str, str] | None = None) -> str:
+        """The message with parameter names spelled by `names` (e.g. {"run_dir": "--run-dir"});
+        parameters missing from `names` are spelled as in Python."""
+
+        def name(param: str) -> str:
+            return names.get(param, param) if names else param
+
+        def sub(m: re.Match[str]) -> str:
+            return name(m.group(1)) if m.group(1) in PARAMS else m.group(0)
+
+        text = _PLACEHOLDER.sub(sub, self.message)
+        if self.param is None:
+            return text
+        flag = name(self.param)
+        if self.value is None or self.value == "":
+            shown = flag
+        else:
+            shown = f"{flag} {self.value}" if flag.startswith("-") else f"{flag}={self.value}"
+        return f"{shown}: {text}"
+
+    def __str__(self) -> str:
+        return self.render()
+
+
+class UserError(AccelctlError):
+    """Bad input: the message says what is wrong, where (file, line, field) and how to fix it."""
 
     exit_code = 2
 
@@ -17,25 +97,42 @@ class UserError(Exception):
 class FieldError(UserError):
     """Bad input tied to one config field, e.g. ("data", "name").
 
-    Raised below the config layer (which has no file positions there); `make_setup` turns it into
-    a `ConfigError` located at that field's file:line:col.
+    Raised below the config layer (which has no file positions there); the job builder turns it
+    into a `ConfigError` located at that field's file:line:col.
     """
 
-    def __init__(self, path: tuple[str, ...], message: str) -> None:
-        self.path, self.message = tuple(path), message
-        super().__init__(f"{'.'.join(self.path)}: {message}")
+    def __init__(self, path: tuple[str | int, ...], message: str) -> None:
+        self.path = tuple(path)
+        super().__init__(message)
+
+    def render(self, names: Mapping[str, str] | None = None) -> str:
+        dotted = ".".join(str(p) for p in self.path)
+        return f"{dotted}: {super().render(names)}"
 
 
-class NonFiniteLoss(UserError):
+class RunStopped(AccelctlError):
+    """The run ended before its last step for a reason other than bad input."""
+
+
+class NonFiniteLoss(RunStopped):
     """Training stopped (`train.on_nan: stop`): a step's loss or gradients were not finite."""
 
     exit_code = 3
 
 
-class Preempted(UserError):
-    """SIGTERM/SIGINT: the run wrote a checkpoint and stopped; `--resume` continues it.
+class Preempted(RunStopped):
+    """SIGTERM/SIGINT: the run wrote a checkpoint and stopped; resuming continues it.
 
     Exit code 75 is EX_TEMPFAIL of sysexits.h: a temporary failure, retrying is expected.
+
+    Attributes:
+        run_dir: the run directory to resume.
+        step: updates done.
+        checkpoint: the checkpoint written, or None (checkpoints disabled).
     """
 
     exit_code = 75
+
+    def __init__(self, message: str, *, run_dir: Any, step: int, checkpoint: Any) -> None:
+        super().__init__(message)
+        self.run_dir, self.step, self.checkpoint = run_dir, step, checkpoint

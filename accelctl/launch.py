@@ -47,6 +47,23 @@ def describe_exit(rc: int) -> str:
     return f"exited with code {rc}"
 
 
+def choose_platform(platform: str) -> tuple[str, int]:
+    """Resolve `--platform auto|cpu|gpu` to (cpu|gpu, visible GPUs), asking a child process
+    (`devices.discover`) so this one never takes GPU memory.
+
+    Raises:
+        UserError: gpu asked for but none is visible.
+    """
+    if platform == "cpu":
+        return "cpu", 0
+    from accelctl.devices import discover
+
+    gpus = discover().get("backends", {}).get("gpu", {}).get("devices", 0)
+    if platform == "gpu" and not gpus:
+        raise UserError("no GPU is visible (see `accelctl env`)", param="platform", value="gpu")
+    return ("gpu" if gpus else "cpu"), gpus
+
+
 def process_envs(
     num_processes: int, devices_per_process: int, platform: str, port: int, gpus: int = 0
 ) -> list[tuple[dict[str, str], list[str]]]:
@@ -57,8 +74,9 @@ def process_envs(
     """
     if platform == "gpu" and num_processes * devices_per_process > gpus:
         raise UserError(
-            f"-n {num_processes} x --devices-per-process {devices_per_process} needs "
-            f"{num_processes * devices_per_process} GPUs; {gpus} are visible"
+            f"{num_processes} processes x {devices_per_process} GPUs each ({{num_processes}} x "
+            f"{{devices_per_process}}) needs {num_processes * devices_per_process} GPUs; {gpus} "
+            "are visible"
         )
     out = []
     for i in range(num_processes):

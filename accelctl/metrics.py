@@ -22,6 +22,9 @@ class MetricWriter(Protocol):
 
     def write(self, event: Event) -> None: ...
 
+    def progress(self, step: int) -> None:
+        """Steps dispatched so far (the events follow one log interval late)."""
+
     def close(self) -> None: ...
 
 
@@ -32,6 +35,9 @@ class NullWriter:
         pass
 
     def write(self, event: Event) -> None:
+        pass
+
+    def progress(self, step: int) -> None:
         pass
 
     def close(self) -> None:
@@ -51,6 +57,9 @@ class JsonlWriter:
         self._file.write(json.dumps(dict(event), allow_nan=True) + "\n")
         self._file.flush()
 
+    def progress(self, step: int) -> None:
+        pass
+
     def close(self) -> None:
         self._file.close()
 
@@ -59,7 +68,16 @@ TENSORBOARD_DIR = "tensorboard"
 
 # Event fields logged as TensorBoard scalars, per event kind ("train/loss", "eval/accuracy", ...).
 _TB_SCALARS = {
-    "train": ("loss", "accuracy", "lr", "steps_per_s", "samples_per_s", "overflow", "skipped"),
+    "train": (
+        "loss",
+        "accuracy",
+        "lr",
+        "grad_norm",
+        "steps_per_s",
+        "samples_per_s",
+        "overflow",
+        "skipped",
+    ),
     "eval": ("loss", "accuracy"),
 }
 
@@ -102,6 +120,9 @@ class TensorBoardWriter:
             self._writer.add_scalar(f"{kind}/{key}", float(value), global_step=int(event["step"]))
         self._writer.flush()
 
+    def progress(self, step: int) -> None:
+        pass
+
     def close(self) -> None:
         if not self._closed:  # the loop and `train()` both close the writers
             self._closed = True
@@ -138,6 +159,7 @@ class ProgressWriter:
         self._task: Any = None
         self._total = 0
         self._description = ""
+        self._dispatched = 0
 
     def start(self, total_steps: int, description: str) -> None:
         self._total, self._description = total_steps, description
@@ -177,7 +199,7 @@ class ProgressWriter:
         if self._progress is not None:
             self._progress.update(
                 self._task,
-                completed=event["step"],
+                completed=max(self._dispatched, event["step"]),
                 steps_per_s=_fmt(rate, ".1f"),
                 samples_per_s=_fmt(event.get("samples_per_s"), ".0f"),
                 loss=_fmt(event.get("loss")),
@@ -190,6 +212,11 @@ class ProgressWriter:
             f"{_fmt(event.get('samples_per_s'), '.0f')} samples/s  ETA {_eta(remaining)}",
             soft_wrap=True,
         )
+
+    def progress(self, step: int) -> None:
+        self._dispatched = step
+        if self._progress is not None:
+            self._progress.update(self._task, completed=step)
 
     def close(self) -> None:
         if self._progress is not None:
@@ -210,6 +237,10 @@ class MultiWriter:
     def write(self, event: Event) -> None:
         for w in self._writers:
             w.write(event)
+
+    def progress(self, step: int) -> None:
+        for w in self._writers:
+            w.progress(step)
 
     def close(self) -> None:
         for w in self._writers:

@@ -5,8 +5,9 @@ the train state:
 - dp: parameters and optimizer state replicated on every device;
 - fsdp: parameters and optimizer state split over `data`, each array along its largest
   dimension that the axis divides (smaller arrays stay replicated); XLA gathers them for use;
-- tp: weights split over `model` by the logical axis names the models give them
-  (`models.layers.logical`), mapped through TP_RULES: Megatron column/row parallelism;
+- tp: weights split over `model` by the logical axis names the models give them (Flax NNX's
+  `out_sharding` metadata: `nnx.with_partitioning` or `models.layers.logical`), mapped through
+  TP_RULES: Megatron column/row parallelism;
 - pmap: dp through `jax.pmap` (one program per device, gradients averaged with `pmean`);
 - auto: dp while the replicated state is small next to one device's memory, else fsdp.
 """
@@ -135,6 +136,26 @@ def fsdp_spec(shape: tuple[int, ...], data_size: int) -> P:
     return P(*(["data" if i == axis else None for i in range(len(shape))]))
 
 
+def logical_names(var: Any) -> tuple[str | None, ...] | None:
+    """The logical axis names of an NNX variable (`out_sharding` metadata), or None."""
+    if not _is_variable(var):
+        return None
+    names = var.get_metadata().get("out_sharding")
+    if names is None or isinstance(names, jax.sharding.Sharding):
+        return None
+    return tuple(names)
+
+
+def _mesh_axis(name: str | None, mesh: Mesh) -> str | None:
+    """The mesh axis a logical name maps to under tp: TP_RULES, or the name itself when it is
+    already the model axis (a user's `nnx.with_partitioning(init, (None, "model"))`)."""
+    if name is None:
+        return None
+    if name in TP_RULES:
+        return TP_RULES[name]
+    return name if name == "model" and name in mesh.shape else None
+
+
 def tp_spec(shape: tuple[int, ...], names: tuple[str | None, ...] | None, mesh: Mesh) -> P:
     """Map a weight's logical axis names through TP_RULES; an axis the mesh axis does not divide
     (or an unnamed weight) stays whole."""
@@ -142,9 +163,26 @@ def tp_spec(shape: tuple[int, ...], names: tuple[str | None, ...] | None, mesh: 
         return P()
     axes = []
     for dim, name in zip(shape, names, strict=True):
-        target = TP_RULES.get(name) if name is not None else None
+        target = _mesh_axis(name, mesh)
         axes.append(target if target is not None and dim % mesh.shape[target] == 0 else None)
     return P(*axes)
+
+
+def check_tp_names(cfg: Config, mesh: Mesh, abstract_params: Any) -> None:
+    """Raise a located ConfigError when strategy tp would split nothing: no weight of the model
+    has a logical axis name that maps to the model axis (before anything is compiled)."""
+    variables = jax.tree.leaves(abstract_params, is_leaf=_is_variable)
+    for var in variables:
+        names = logical_names(var)
+        if names and any(_mesh_axis(n, mesh) for n in names):
+            return
+    raise cfg.error_at(
+        ("parallel", "strategy"),
+        "tp splits weights by their logical axis names, but no weight of this model names an "
+        f"axis that maps to the model axis ({', '.join(k for k, v in TP_RULES.items() if v)} or "
+        "'model'). Name them with nnx.with_partitioning(init, ('embed', 'mlp')) or "
+        "kernel_metadata={'out_sharding': ('embed', 'mlp')} (see the README), or use dp/fsdp",
+    )
 
 
 def state_shardings(mesh: Mesh, abstract_state: Any, strategy: str) -> Any:
@@ -170,8 +208,7 @@ def state_shardings(mesh: Mesh, abstract_state: Any, strategy: str) -> Any:
         shape = tuple((var.get_value() if var is not None else x).shape)
         if strategy == "fsdp":
             return fsdp_spec(shape, mesh.shape["data"])
-        names = var.get_metadata().get("logical_axes") if var is not None else None
-        return tp_spec(shape, names, mesh)
+        return tp_spec(shape, logical_names(var), mesh)
 
     def shard(tree: Any) -> Any:
         # Keep the Variable wrappers (their metadata carries the logical names) in the result.

@@ -47,7 +47,7 @@ MODES = {
 def make_config(name: str, mode: str, steps: int, log_every: int) -> dict:
     """Return the workload's shipped config with synthetic data fed the given way."""
     w = WORKLOADS[name]
-    cfg = builtin_config(name, num_train=w["n"], dtype=MODES[mode]["dtype"])
+    cfg = builtin_config(name, num_train=w["n"], dtype=MODES[mode]["dtype"]).to_dict()
     cfg["data"]["cache"] = MODES[mode]["cache"]
     cfg["train"] = {
         **{k: v for k, v in cfg["train"].items() if k not in ("epochs", "eval_every")},

@@ -7,12 +7,16 @@ logs every `--log-every` steps and evaluates at the end. Each measurement runs i
 subprocess, alternating the two, and the medians are reported.
 
     python scripts/bench_overhead.py --repeats 3 --out docs/benchmarks/overhead.md
+
+`--before DIR` also times `accelctl train` from another checkout (e.g. `git worktree add DIR
+HEAD~1`), interleaved with this one in the same run: a before/after comparison of the loop.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -26,6 +30,12 @@ sys.path.insert(0, str(ROOT))
 from accelctl.devices import describe_machine  # noqa: E402
 
 WORKLOADS = {
+    # A step of a fraction of a millisecond: the loop's own host work shows here first.
+    "tiny_mlp": {
+        "model": {"name": "mlp", "hidden": [32], "activation": "relu"},
+        "title": "MLP 784-32-10",
+        "steps": 6000,
+    },
     "mlp": {
         "model": {"name": "mlp", "hidden": [512, 512], "activation": "relu"},
         "title": "MLP 784-512-512-10",
@@ -84,8 +94,14 @@ def write_lines(path: Path, lines: list[str]) -> None:
     path.write_text("\n".join(lines) + "\n")
 
 
-def train_summary(config_yaml: str, name: str) -> dict:
-    """Run `accelctl train` on a config (YAML text) in its own process; return summary.json."""
+def train_summary(config_yaml: str, name: str, tree: Path | None = None) -> dict:
+    """Run `accelctl train` on a config (YAML text) in its own process; return summary.json.
+
+    `tree`: run the accelctl of that checkout instead of this one.
+    """
+    env = dict(os.environ)
+    if tree is not None:
+        env["PYTHONPATH"] = str(tree)
     with tempfile.TemporaryDirectory() as tmp:
         cfg = Path(tmp) / f"{name}.yaml"
         cfg.write_text(config_yaml)
@@ -95,13 +111,16 @@ def train_summary(config_yaml: str, name: str) -> dict:
             capture_output=True,
             text=True,
             check=True,
-            cwd=ROOT,
+            cwd=tree or ROOT,
+            env=env,
         )
     return json.loads(out.stdout)
 
 
-def run_accelctl(name: str, steps: int, batch: int, log_every: int) -> dict:
-    s = train_summary(config_text(name, steps, batch, log_every), f"bench_{name}")
+def run_accelctl(
+    name: str, steps: int, batch: int, log_every: int, tree: Path | None = None
+) -> dict:
+    s = train_summary(config_text(name, steps, batch, log_every), f"bench_{name}", tree)
     return {
         "samples_per_s": s["train_samples_per_s"],
         "input_wait": s["input_wait_fraction"],
@@ -161,17 +180,18 @@ def accelctl_step(name: str, steps: int, batch: int) -> dict:
     import jax
 
     from accelctl import config, data
-    from accelctl.train.setup import make_setup
+    from accelctl.train.job import build_job
 
-    setup = make_setup(config.load_text(config_text(name, steps, batch, 100)))
-    n_batches = min(steps, setup.steps_per_epoch)
-    host = data.train_batches(setup.dataset.train, batch, seed=0, start_step=0, num_steps=n_batches)
-    dev = [setup.put_fn(b) for b in host]
-    state, _ = setup.train_step(setup.state, dev[0])
+    job = build_job(config.load_text(config_text(name, steps, batch, 100)))
+    n_batches = min(steps, job.sizes.steps_per_epoch)
+    host = data.train_batches(job.dataset.train, batch, seed=0, start_step=0, num_steps=n_batches)
+    dev = [job.feed.put_fn(b) for b in host]
+    train_step = job.steps.train
+    state, _ = train_step(job.state.init(), dev[0])
     jax.block_until_ready(state)
     t0 = time.perf_counter()
     for i in range(1, steps):
-        state, _ = setup.train_step(state, dev[i % n_batches])
+        state, _ = train_step(state, dev[i % n_batches])
     jax.block_until_ready(state)
     return {"samples_per_s": (steps - 1) * batch / (time.perf_counter() - t0)}
 
@@ -189,12 +209,15 @@ def child(mode: str, name: str, steps: int, batch: int) -> dict:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--workloads", nargs="+", default=list(WORKLOADS), choices=list(WORKLOADS))
+    ap.add_argument("--workloads", nargs="+", default=["mlp", "cnn"], choices=list(WORKLOADS))
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--batch", type=int, default=128)
     ap.add_argument("--log-every", type=int, default=100)
     ap.add_argument("--steps-scale", type=float, default=1.0, help="scale the step counts")
     ap.add_argument("--out", type=Path, default=None, help="write a Markdown report here")
+    ap.add_argument(
+        "--before", type=Path, default=None, help="another checkout to time alongside this one"
+    )
     ap.add_argument("--handwritten", help=argparse.SUPPRESS)  # child-process mode
     ap.add_argument("--accelctl-step", help=argparse.SUPPRESS)  # child-process mode
     ap.add_argument("--steps", type=int, help=argparse.SUPPRESS)
@@ -210,9 +233,23 @@ def main() -> None:
     rows = []
     for name in args.workloads:
         steps = max(int(WORKLOADS[name]["steps"] * args.steps_scale), 10)
-        acc, ref, bare, waits = [], [], [], []
+        acc, ref, bare, waits, before = [], [], [], [], []
         for rep in range(args.repeats):
+            # Before and after alternate which runs first, so a drift of the machine's speed
+            # within a repetition does not favour one of them.
+            if args.before is not None and rep % 2 == 0:
+                before.append(
+                    run_accelctl(name, steps, args.batch, args.log_every, args.before)[
+                        "samples_per_s"
+                    ]
+                )
             a = run_accelctl(name, steps, args.batch, args.log_every)
+            if args.before is not None and rep % 2 == 1:
+                before.append(
+                    run_accelctl(name, steps, args.batch, args.log_every, args.before)[
+                        "samples_per_s"
+                    ]
+                )
             h = child("handwritten", name, steps, args.batch)
             b = child("accelctl-step", name, steps, args.batch)
             acc.append(a["samples_per_s"])
@@ -237,6 +274,9 @@ def main() -> None:
             "runs_step_alone": bare,
         }
         row["ratio"] = row["accelctl"] / row["handwritten"]
+        if before:
+            row["before"] = statistics.median(before)
+            row["runs_before"] = before
         rows.append(row)
         print(json.dumps(row), flush=True)
 
@@ -252,7 +292,7 @@ def write_report(args: argparse.Namespace, rows: list[dict]) -> None:
         "(after the first step, evaluation excluded), batches fed from the host by the prefetch "
         f"thread, metrics read every {args.log_every} steps. Hand-written: the same model and "
         "optimizer in a plain `jax.jit` step with donated params/opt state and all batches "
-        "already on the device. 'Step alone': accelctl's compiled step (from `make_setup`) timed "
+        "already on the device. 'Step alone': accelctl's compiled step (from `build_job`) timed "
         "the same way as the hand-written loop, on pre-placed batches, which separates the step "
         "from the host input pipeline. Median of "
         f"{args.repeats} alternating runs, each in its own process.",
@@ -267,12 +307,31 @@ def write_report(args: argparse.Namespace, rows: list[dict]) -> None:
             f"{r['ratio']:.3f} | {r['input_wait']:.1%} | {r['step_alone']:.0f} | "
             f"{r['step_alone'] / r['handwritten']:.3f} |"
         )
+    if any("before" in r for r in rows):
+        lines += [
+            "",
+            f"Before/after, same run: `accelctl train` of the checkout in `{args.before}` "
+            "(before) and of this one (after), alternating with the runs above.",
+            "",
+            "| workload | before samples/s | after samples/s | after / before |",
+            "| --- | --- | --- | --- |",
+        ]
+        for r in rows:
+            lines.append(
+                f"| {r['workload']} | {r['before']:.0f} | {r['accelctl']:.0f} | "
+                f"{r['accelctl'] / r['before']:.3f} |"
+            )
     lines += ["", "Individual runs (samples/s):", ""]
     for r in rows:
         lines.append(
             f"- {r['workload']}: accelctl {', '.join(f'{v:.0f}' for v in r['runs_accelctl'])}; "
             f"hand-written {', '.join(f'{v:.0f}' for v in r['runs_handwritten'])}; "
             f"step alone {', '.join(f'{v:.0f}' for v in r['runs_step_alone'])}"
+            + (
+                f"; before {', '.join(f'{v:.0f}' for v in r['runs_before'])}"
+                if "before" in r
+                else ""
+            )
         )
     write_lines(args.out, lines)
 

@@ -17,24 +17,23 @@ import json
 import sys
 from pathlib import Path
 
-import yaml
-
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from bench_overhead import report_header, write_lines  # noqa: E402  (scripts/ is on sys.path)
 
-from accelctl import compare  # noqa: E402
+from accelctl import compare, config  # noqa: E402
 from accelctl.bench import BUILTIN, builtin_config  # noqa: E402
+from accelctl.config import Config  # noqa: E402
 
 STRATEGIES = ("dp", "fsdp", "tp", "pmap")
 
 
-def workload_config(name: str) -> dict:
-    """A built-in workload's config, or a config file's contents."""
+def workload_config(name: str) -> Config:
+    """A built-in workload's config, or a config file's."""
     if name in BUILTIN:
         return builtin_config(name)
-    return yaml.safe_load(Path(name).read_text())
+    return config.load(name)
 
 
 def measure(name: str, strategy: str, precision: str, args: argparse.Namespace) -> dict:

@@ -15,10 +15,16 @@ os.environ.setdefault(
 )
 
 from collections.abc import Sequence  # noqa: E402
+from pathlib import Path  # noqa: E402
+from typing import Any  # noqa: E402
 
 import pytest  # noqa: E402
+from typer.testing import CliRunner  # noqa: E402
 
 from accelctl import config  # noqa: E402
+from accelctl.cli import app  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
 
 TINY = """
 model: {name: mlp, hidden: [16]}
@@ -36,3 +42,28 @@ def tiny_config():
         return config.load_text(text, "tiny.yaml", overrides)
 
     return make
+
+
+# --------------------------------------------------------------------------------- CLI helpers
+runner = CliRunner()
+
+
+def invoke(*args: str) -> Any:
+    """Run `accelctl ARGS...` in this process (Typer's CliRunner); returns its Result."""
+    return runner.invoke(app, list(args))
+
+
+def assert_user_error(result: Any, *needles: str, code: int = 2) -> None:
+    """A clean input error: exit code 2 (or `code`), no traceback, every needle in the output."""
+    assert result.exit_code == code, result.output
+    assert "Traceback" not in result.output
+    for needle in needles:
+        assert needle in result.output, result.output
+
+
+@pytest.fixture
+def tiny_file(tmp_path):
+    """The TINY config written to a file."""
+    path = tmp_path / "tiny.yaml"
+    path.write_text(TINY)
+    return path

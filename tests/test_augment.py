@@ -12,7 +12,7 @@ from jax.sharding import PartitionSpec as P
 
 from accelctl.config import ConfigError
 from accelctl.data import augment_images
-from accelctl.train.setup import make_setup
+from accelctl.train.job import build_job
 
 
 def _images(shape: tuple[int, ...], seed: int = 0) -> np.ndarray:
@@ -107,14 +107,14 @@ def test_non_image_input_raises(shape: tuple[int, ...]) -> None:
 def test_augment_on_non_image_data_is_a_config_error(tiny_config) -> None:
     cfg = tiny_config(["data.shape=[16]", "data.augment={crop_padding: 2}"])
     with pytest.raises(ConfigError, match=r"data\.augment") as info:
-        make_setup(cfg)
+        build_job(cfg)
     assert "(16,)" in str(info.value) and "--set" in str(info.value)
 
 
 def test_mean_with_the_wrong_number_of_channels_is_a_config_error(tiny_config) -> None:
     cfg = tiny_config(["data.mean=[0.5, 0.5]", "data.std=[0.2, 0.2]"])  # 1 channel
     with pytest.raises(ConfigError, match=r"data\.mean") as info:
-        make_setup(cfg)
+        build_job(cfg)
     assert "2 values" in str(info.value) and "1 channel(s)" in str(info.value)
 
 
@@ -123,5 +123,5 @@ def test_grayscale_images_without_a_channel_axis_have_one_channel(tiny_config) -
     eight = "[0.5, 0.5, 0.5, 0.5, 0.5, 0.5, 0.5, 0.5]"
     cfg = tiny_config(["data.shape=[4, 8]", f"data.mean={eight}", f"data.std={eight}"])
     with pytest.raises(ConfigError, match=r"1 channel\(s\)"):
-        make_setup(cfg)
-    make_setup(tiny_config(["data.shape=[4, 8]", "data.mean=[0.5]", "data.std=[0.25]"]))
+        build_job(cfg)
+    build_job(tiny_config(["data.shape=[4, 8]", "data.mean=[0.5]", "data.std=[0.25]"]))

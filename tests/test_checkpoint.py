@@ -20,11 +20,11 @@ from accelctl.checkpoint import Checkpointer, IncompatibleCheckpoint
 from accelctl.config import CheckpointConfig
 from accelctl.data.batches import epoch_batch_table
 from accelctl.errors import NonFiniteLoss, UserError
-from accelctl.train import abstract_like, train
+from accelctl.train import train
 from accelctl.train.checkpoint_eval import evaluate_checkpoint
+from accelctl.train.job import build_job
 from accelctl.train.preempt import PreemptionGuard
 from accelctl.train.resume import config_changes, truncate_metrics
-from accelctl.train.setup import make_setup
 from tests.conftest import TINY
 
 # The reference run: 12 steps (8 per epoch), checkpoints at 4, 8 and 12, evaluations at 6 and 12.
@@ -80,7 +80,7 @@ def ref(tmp_path_factory) -> tuple[Path, dict]:
 @pytest.fixture(scope="module")
 def ref_abstract():
     """Restore target of the reference config's state."""
-    return abstract_like(make_setup(_cfg(REF), compile_train=False).state)
+    return build_job(_cfg(REF), compile_train=False).state.abstract
 
 
 @pytest.fixture(scope="module")
@@ -459,7 +459,7 @@ def test_resume_refuses_fewer_steps_than_the_checkpoint(ref, tmp_path):
 
 
 def test_resume_needs_a_checkpoint(tmp_path):
-    with pytest.raises(UserError, match="--resume: .* holds no checkpoint to continue"):
+    with pytest.raises(UserError, match="resume: .* holds no checkpoint to continue"):
         train(_cfg(REF), run_dir=tmp_path / "new", quiet=True, resume=True)
     assert not (tmp_path / "new").exists()
     (tmp_path / "partial" / "checkpoints" / "4.orbax-checkpoint-tmp-9").mkdir(parents=True)
@@ -496,9 +496,11 @@ def _row_of(example: int, epoch: int) -> int:
 
 @pytest.fixture
 def nan_data(tmp_path) -> tuple[str, list[int]]:
-    """128 training examples (4 steps per epoch), one with a NaN feature; a clean eval set.
+    """128 training examples (4 steps per epoch), one whose features are finite but so large
+    (3e38, near float32's limit) that the forward pass overflows to a non-finite loss; a clean
+    eval set. (NaN features themselves are rejected when the data is read.)
 
-    Returns the config text and the (1-based) steps whose batch holds the NaN example.
+    Returns the config text and the (1-based) steps whose batch holds the bad example.
     """
     rng = np.random.default_rng(0)
     teacher = rng.standard_normal((8, 4))
@@ -506,8 +508,9 @@ def nan_data(tmp_path) -> tuple[str, list[int]]:
     ex = rng.standard_normal((64, 8)).astype(np.float32)
     # The NaN example is in the third batch of the first epoch: steps 1-2 are good.
     bad = int(epoch_batch_table(128, 32, seed=0, epoch=0)[2, 0])
-    x[bad, 3] = np.nan
-    np.savez(tmp_path / "train.npz", x=x, y=np.argmax(np.nan_to_num(x) @ teacher, axis=1))
+    y = np.argmax(x @ teacher, axis=1)
+    x[bad, :] = 3e38
+    np.savez(tmp_path / "train.npz", x=x, y=y)
     np.savez(tmp_path / "eval.npz", x=ex, y=np.argmax(ex @ teacher, axis=1))
     bad_steps = [epoch * 4 + _row_of(bad, epoch) + 1 for epoch in range(2)]
     assert bad_steps[0] == 3

@@ -7,32 +7,10 @@ import sys
 from pathlib import Path
 
 import numpy as np
-import pytest
-from typer.testing import CliRunner
 
-from accelctl.cli import app
-from tests.conftest import TINY
+from tests.conftest import TINY, assert_user_error, invoke
 
 ROOT = Path(__file__).resolve().parents[1]
-runner = CliRunner()
-
-
-def invoke(*args: str):
-    return runner.invoke(app, list(args))
-
-
-@pytest.fixture
-def tiny_file(tmp_path):
-    path = tmp_path / "tiny.yaml"
-    path.write_text(TINY)
-    return path
-
-
-def assert_user_error(result, *needles: str) -> None:
-    assert result.exit_code == 2, result.output
-    assert "Traceback" not in result.output
-    for needle in needles:
-        assert needle in result.output, result.output
 
 
 def test_train_synthetic_end_to_end(tiny_file, tmp_path):

@@ -3,10 +3,9 @@
 import json
 
 import pytest
-import yaml
 from typer.testing import CliRunner
 
-from accelctl import compare, devices
+from accelctl import compare, config, envreport
 from accelctl.cli import app
 
 runner = CliRunner()
@@ -56,9 +55,7 @@ def test_a_failing_device_set_gets_a_row_with_the_reason(tmp_path):
     result = runner.invoke(app, args)
     assert result.exit_code == 0, result.output
     assert "failed" in result.output and "no accelerator is visible" in result.output
-    res = compare.compare_devices(
-        "odd", yaml.safe_load(cfg.read_text()), cpu_devices=8, steps=3, warmup=1
-    )
+    res = compare.compare_devices("odd", config.load(cfg), cpu_devices=8, steps=3, warmup=1)
     ok, dp8, pmap8 = res["rows"]
     assert ok["error"] is None and ok["samples_per_s"] > 0
     for r in (dp8, pmap8):
@@ -133,12 +130,12 @@ def _report(**kw):
 
 
 def test_env_warnings_name_the_common_traps():
-    assert devices.env_warnings(_report()) == []
+    assert envreport.env_warnings(_report()) == []
     no_gpu = _report(packages={"jax-cuda12-plugin": "1"}, backends={"gpu": {"error": "none"}})
-    assert any("no GPU is visible" in w for w in devices.env_warnings(no_gpu))
+    assert any("no GPU is visible" in w for w in envreport.env_warnings(no_gpu))
     gpu = {"gpu": {"devices": 1}}
-    tf = devices.env_warnings(_report(packages={"tensorflow": "2"}, backends=gpu))
+    tf = envreport.env_warnings(_report(packages={"tensorflow": "2"}, backends=gpu))
     assert any("tensorflow-cpu" in w for w in tf)
     assert any("preallocates" in w for w in tf)
     shared = _report(backends=gpu, environment={"XLA_PYTHON_CLIENT_PREALLOCATE": "false"})
-    assert devices.env_warnings(shared) == []
+    assert envreport.env_warnings(shared) == []

@@ -11,7 +11,7 @@ from jax.sharding import PartitionSpec as P
 from accelctl import config, parallel
 from accelctl.errors import UserError
 from accelctl.train import train
-from accelctl.train.setup import make_setup
+from accelctl.train.job import build_job
 
 MLP = """
 model: {name: mlp, hidden: [32, 16], dropout: 0.0}
@@ -65,38 +65,40 @@ def _bytes_on_first_device(tree) -> int:
 
 def test_fsdp_splits_parameters_and_optimizer_state_over_eight_devices():
     wide = MLP.replace("hidden: [32, 16]", "hidden: [256, 128]")
-    setup = make_setup(config.load_text(wide, "x.yaml", ["parallel.strategy=fsdp"]))
-    params = setup.state.params
+    job = build_job(config.load_text(wide, "x.yaml", ["parallel.strategy=fsdp"]))
+    state = job.state.init()
+    params = state.params
     total = sum(leaf.nbytes for leaf in jax.tree.leaves(params))
     per_device = _bytes_on_first_device(params)
     # The kernels split 8 ways; only the 10-wide head bias stays whole.
     assert per_device <= total / 8 + 10 * 4
     kernel = params["hidden"][0]["kernel"]
     assert kernel[...].sharding.spec == P(None, "data")  # (64, 256): the larger dim
-    mu = setup.state.opt_state[0].mu["hidden"][0]["kernel"]
+    mu = state.opt_state[0].mu["hidden"][0]["kernel"]
     assert mu[...].sharding.spec == P(None, "data")
-    assert _bytes_on_first_device(setup.state.opt_state) <= 2 * (total / 8 + 10 * 4)  # mu, nu
+    assert _bytes_on_first_device(state.opt_state) <= 2 * (total / 8 + 10 * 4)  # mu, nu
     # The compiled step agrees: its parameter arguments are an eighth of the replicated size.
-    dp = make_setup(config.load_text(wide, "x.yaml", ["parallel.strategy=dp"]))
-    fsdp_args = setup.train_step.memory_analysis().argument_size_in_bytes
-    dp_args = dp.train_step.memory_analysis().argument_size_in_bytes
+    dp = build_job(config.load_text(wide, "x.yaml", ["parallel.strategy=dp"]))
+    fsdp_args = job.steps.train.memory_analysis().argument_size_in_bytes
+    dp_args = dp.steps.train.memory_analysis().argument_size_in_bytes
     assert fsdp_args < dp_args / 4
 
 
 def test_tp_splits_weights_by_their_logical_axes():
-    setup = make_setup(config.load_text(MLP, "x.yaml", STRATEGIES["tp"]))
-    assert dict(setup.mesh.shape) == {"data": 4, "model": 2}
-    p = setup.state.params
+    job = build_job(config.load_text(MLP, "x.yaml", STRATEGIES["tp"]))
+    assert dict(job.mesh.shape) == {"data": 4, "model": 2}
+    state = job.state.init()
+    p = state.params
     # Megatron pairs: column-split, row-split, column-split (the head keeps its classes whole).
     assert p["hidden"][0]["kernel"][...].sharding.spec == P(None, "model")
     assert p["hidden"][0]["bias"][...].sharding.spec == P("model")
     assert p["hidden"][1]["kernel"][...].sharding.spec == P("model", None)
     assert p["head"]["kernel"][...].sharding.spec == P(None, None)
-    assert setup.state.opt_state[0].nu["hidden"][0]["kernel"][...].sharding.spec == P(None, "model")
+    assert state.opt_state[0].nu["hidden"][0]["kernel"][...].sharding.spec == P(None, "model")
 
 
 def test_tp_spec_keeps_axes_the_mesh_does_not_divide(tmp_path):
-    mesh = make_setup(config.load_text(MLP, "x.yaml", STRATEGIES["tp"])).mesh
+    mesh = build_job(config.load_text(MLP, "x.yaml", STRATEGIES["tp"])).mesh
     assert parallel.tp_spec((8, 6), ("embed", "mlp"), mesh) == P(None, "model")
     assert parallel.tp_spec((8, 7), ("embed", "mlp"), mesh) == P(None, None)
     assert parallel.tp_spec((8, 6), None, mesh) == P()
@@ -106,15 +108,15 @@ def test_tp_spec_keeps_axes_the_mesh_does_not_divide(tmp_path):
 
 def test_auto_takes_dp_for_a_small_state_and_fsdp_for_a_large_one(monkeypatch):
     cfg = config.load_text(MLP, "x.yaml", ["parallel.strategy=auto"])
-    setup = make_setup(cfg)
-    assert setup.strategy == "dp" and "no memory limit" in setup.strategy_reason
+    job = build_job(cfg)
+    assert job.state.strategy == "dp" and "no memory limit" in job.state.strategy_reason
     import accelctl.devices
 
     monkeypatch.setattr(accelctl.devices, "memory_limit", lambda device: 1000)
-    strategy, reason = parallel.resolve_strategy(cfg, setup.mesh, setup.state)
+    strategy, reason = parallel.resolve_strategy(cfg, job.mesh, job.state.abstract)
     assert strategy == "fsdp" and "would take" in reason
     monkeypatch.setattr(accelctl.devices, "memory_limit", lambda device: 10**12)
-    assert parallel.resolve_strategy(cfg, setup.mesh, setup.state)[0] == "dp"
+    assert parallel.resolve_strategy(cfg, job.mesh, job.state.abstract)[0] == "dp"
 
 
 def test_model_axis_without_tp_is_a_config_error():
@@ -125,9 +127,9 @@ def test_model_axis_without_tp_is_a_config_error():
 def test_pmap_refuses_an_explicit_device_cache():
     cfg = config.load_text(MLP, "x.yaml", ["parallel.strategy=pmap", "data.cache=device"])
     with pytest.raises(UserError, match="data.cache"):
-        make_setup(cfg)
-    setup = make_setup(config.load_text(MLP, "x.yaml", ["parallel.strategy=pmap"]))
-    assert setup.cache_mode == "host" and "pmap" in setup.cache_reason
+        build_job(cfg)
+    job = build_job(config.load_text(MLP, "x.yaml", ["parallel.strategy=pmap"]))
+    assert job.feed.cache_mode == "host" and "pmap" in job.feed.cache_reason
 
 
 def test_a_dp_checkpoint_resumes_under_fsdp(tmp_path):

@@ -11,7 +11,7 @@ from accelctl import config
 from accelctl.errors import UserError
 from accelctl.precision import LossScale
 from accelctl.train import train
-from accelctl.train.setup import make_setup
+from accelctl.train.job import build_job
 
 MLP = """
 model: {name: mlp, hidden: [32]}
@@ -30,18 +30,19 @@ def run(overrides: list[str], run_dir, text: str = MLP) -> tuple[dict, list[dict
 
 def test_bf16_trains_and_keeps_fp32_parameters(tmp_path):
     cfg = config.load_text(MLP, "x.yaml", ["precision.compute=bf16"])
-    setup = make_setup(cfg)
-    for tree in (setup.state.params, setup.state.opt_state):
+    job = build_job(cfg)
+    state = job.state.init()
+    for tree in (state.params, state.opt_state):
         floats = [x for x in jax.tree.leaves(tree) if jnp.issubdtype(x.dtype, jnp.floating)]
         assert floats and all(x.dtype == jnp.float32 for x in floats)
     # The layers compute in bf16: the compiled step holds bf16 dot products.
-    assert "bf16[" in setup.train_step.as_text()
-    assert setup.state.loss_scale is None
+    assert "bf16[" in job.steps.train.as_text()
+    assert state.loss_scale is None
     summary, events = run(["precision.compute=bf16"], tmp_path / "r")
     assert events[-1]["loss"] < events[0]["loss"]
     assert summary["precision"] == "bf16" and "overflow_steps" not in summary
     ref, ref_events = run([], tmp_path / "fp32")
-    assert "bf16[" not in make_setup(config.load_text(MLP, "x.yaml")).train_step.as_text()
+    assert "bf16[" not in build_job(config.load_text(MLP, "x.yaml")).steps.train.as_text()
     # Close to fp32, not equal: bf16 keeps 8 bits of mantissa.
     np.testing.assert_allclose(events[0]["loss"], ref_events[0]["loss"], rtol=2e-2)
 
@@ -108,7 +109,7 @@ def test_accumulation_gives_the_whole_batch_update(tmp_path, devices):
 def test_accumulation_must_split_the_batch_over_the_devices():
     cfg = config.load_text(MLP, "x.yaml", ["optimizer.accumulate_steps=8"])
     with pytest.raises(UserError, match=r"optimizer.accumulate_steps.*multiple of 64"):
-        make_setup(cfg)
+        build_job(cfg)
 
 
 def test_fp16_resume_restores_the_loss_scale(tmp_path):

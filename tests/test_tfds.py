@@ -27,6 +27,7 @@ from accelctl.data.tfds_source import TfdsSplit, load
 from accelctl.errors import UserError
 from accelctl.train import train
 from tests import tiny_tfds_builder as tiny
+from tests.conftest import assert_user_error
 
 ROOT = Path(__file__).resolve().parents[1]
 runner = CliRunner()
@@ -52,13 +53,6 @@ def losses(run_dir: Path) -> np.ndarray:
 def rows(x: np.ndarray, y: np.ndarray) -> list[bytes]:
     """Each example as one hashable value (image bytes + label), for set comparisons."""
     return sorted(xi.tobytes() + int(yi).to_bytes(4, "little") for xi, yi in zip(x, y, strict=True))
-
-
-def assert_user_error(result: Any, *needles: str) -> None:
-    assert result.exit_code == 2, result.output
-    assert "Traceback" not in result.output
-    for needle in needles:
-        assert needle in result.output, result.output
 
 
 # ------------------------------------------------------------------------ mocked registered sets
@@ -393,7 +387,7 @@ def test_prepare_without_tensorflow_advises_the_tfds_extra(
     calls = failing_download(ModuleNotFoundError("No module named 'tensorflow'"))
     result = runner.invoke(app, ["data", "prepare", "mnist", "--data-dir", str(tmp_path)])
     assert len(calls) == 1
-    assert_user_error(result, "preparing mnist", "pip install 'accelctl[tfds]'", "tensorflow")
+    assert_user_error(result, "preparing mnist", "pip install -e", "[tfds]", "tensorflow")
 
 
 def test_unknown_data_set_name_suggests_the_closest(tmp_path: Path) -> None:
@@ -429,11 +423,11 @@ def test_shipped_tfds_configs_train_on_mocked_data(
 
 
 def test_data_errors_point_at_the_config_line(tmp_path: Path) -> None:
-    from accelctl.train.setup import make_setup
+    from accelctl.train.job import build_job
 
     cfg = tfds_config(f"name: mnist, data_dir: {tmp_path}")
     with pytest.raises(config.ConfigError) as e:
-        make_setup(cfg)
+        build_job(cfg)
     # tiny.yaml line 3 holds the data section; the message names the field and the fix.
     assert str(e.value).startswith("tiny.yaml:3:") and "data.name:" in str(e.value)
     assert f"accelctl data prepare mnist --data-dir {tmp_path}" in str(e.value)

@@ -8,9 +8,8 @@ import pytest
 from jax.sharding import PartitionSpec as P
 
 from accelctl.metrics import NullWriter
-from accelctl.train import train
-from accelctl.train.loop import run
-from accelctl.train.setup import make_setup
+from accelctl.train import fit, train
+from accelctl.train.job import build_job
 
 
 def losses(run_dir) -> list[tuple[int, float]]:
@@ -42,36 +41,36 @@ def test_one_and_eight_devices_give_the_same_losses(tiny_config, tmp_path, model
 
 
 def test_batch_is_sharded_over_eight_devices(tiny_config):
-    setup = make_setup(tiny_config(["data.cache=host"]))
-    assert setup.cache_mode == "host" and setup.device_cache is None
+    job = build_job(tiny_config(["data.cache=host"]))
+    assert job.feed.cache_mode == "host" and job.feed.device_cache is None
     from accelctl import data
 
-    host = next(data.train_batches(setup.dataset.train, 32, seed=0, start_step=0, num_steps=1))
-    batch = setup.put_fn(host)
+    host = next(data.train_batches(job.dataset.train, 32, seed=0, start_step=0, num_steps=1))
+    batch = job.feed.put_fn(host)
     x = batch["x"]
     assert x.sharding.spec == P("data") and len(x.sharding.device_set) == 8
     assert {s.data.shape for s in x.addressable_shards} == {(4, 4, 4, 1)}
     # The compiled step expects exactly this sharding for its batch input.
-    assert setup.train_step.input_shardings[0][1]["x"].spec == P("data")
+    assert job.steps.train.input_shardings[0][1]["x"].spec == P("data")
     # Parameters are replicated under dp.
-    leaf = jax.tree.leaves(setup.state.params)[0]
+    leaf = jax.tree.leaves(job.state.init().params)[0]
     assert leaf.sharding.is_fully_replicated
 
 
 def test_device_cache_is_sharded_over_eight_devices(tiny_config):
-    setup = make_setup(tiny_config(["data.cache=device", "data.num_train=250"]))
-    assert setup.cache_mode == "device" and setup.device_cache is not None
-    x = setup.device_cache["x"]
+    job = build_job(tiny_config(["data.cache=device", "data.num_train=250"]))
+    assert job.feed.cache_mode == "device" and job.feed.device_cache is not None
+    x = job.feed.device_cache["x"]
     # 250 examples padded to 256: each device holds 32 of them, nothing is replicated.
     assert x.shape == (256, 4, 4, 1) and x.sharding.spec == P("data")
     assert {s.data.shape for s in x.addressable_shards} == {(32, 4, 4, 1)}
     assert x.dtype == np.uint8  # cached compact; scaled inside the step
-    np.testing.assert_array_equal(np.asarray(x)[:250], setup.dataset.train.x)
+    np.testing.assert_array_equal(np.asarray(x)[:250], job.dataset.train.x)
 
 
 def test_auto_cache_picks_the_device_for_a_small_split(tiny_config):
-    setup = make_setup(tiny_config())
-    assert setup.cache_mode == "device" and "fits" in setup.cache_reason
+    job = build_job(tiny_config())
+    assert job.feed.cache_mode == "device" and "fits" in job.feed.cache_reason
 
 
 @pytest.mark.parametrize("cache", ["host", "device"])
@@ -79,9 +78,10 @@ def test_loop_compiles_once_and_makes_no_implicit_transfers(tiny_config, cache):
     cfg = tiny_config(
         ["schedule.name=plateau", "train.steps=12", "train.eval_every=3", f"data.cache={cache}"]
     )
-    setup = make_setup(cfg)
+    job = build_job(cfg)
+    state = job.state.init()
     with jax.transfer_guard("disallow"):
-        summary = run(setup, NullWriter())
+        summary = fit(job, state, NullWriter())
     assert summary["data_cache"] == cache
     assert summary["traces"] == {"train_step": 1, "eval_step": 1, "take_sums": 1}
     assert summary["steps"] == 12 and summary["final_eval"]["count"] == 100
@@ -148,11 +148,11 @@ def test_long_run_on_eight_cpu_devices_does_not_deadlock(tmp_path):
 
     code = (
         "from accelctl import config; from accelctl.metrics import NullWriter; "
-        "from accelctl.train.loop import run; from accelctl.train.setup import make_setup; "
+        "from accelctl.train import fit; from accelctl.train.job import build_job; "
         "from tests.conftest import TINY; "
         "cfg = config.load_text(TINY, 't', ['train.steps=1500', 'data.cache=host', "
         "'train.eval_every=1500', 'train.log_every=1500', 'checkpoint.enabled=false']); "
-        "print(run(make_setup(cfg), NullWriter())['steps'])"
+        "print(fit(build_job(cfg), None, NullWriter())['steps'])"
     )
     out = subprocess.run(
         [sys.executable, "-c", code],

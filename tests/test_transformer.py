@@ -90,9 +90,9 @@ def test_every_param_names_its_axes() -> None:
     model = nnx.eval_shape(lambda: _tiny(tie_embeddings=False))
     params = _params(model)
     for path, var in params:
-        axes = var.get_metadata().get("logical_axes")
+        axes = var.get_metadata().get("out_sharding")
         assert axes is not None and len(axes) == len(var.shape), (path, axes, var.shape)
-    by_name = {"/".join(map(str, p)): v.get_metadata()["logical_axes"] for p, v in params}
+    by_name = {"/".join(map(str, p)): v.get_metadata()["out_sharding"] for p, v in params}
     assert by_name["blocks/0/attn/query/kernel"] == ("embed", "heads")
     assert by_name["blocks/0/attn/out/kernel"] == ("heads", "embed")
     assert by_name["blocks/1/mlp_out/kernel"] == ("mlp", "embed")
@@ -274,11 +274,11 @@ def test_gpt_configs_load() -> None:
     ],
 )
 def test_model_and_data_mismatches_are_located_config_errors(model, data_text, needle) -> None:
-    from accelctl.train.setup import make_setup
+    from accelctl.train.job import build_job
 
     cfg = config.load_text(f"model: {model}\ndata: {data_text}\n", "m.yaml")
     with pytest.raises(ConfigError, match=needle):
-        make_setup(cfg)
+        build_job(cfg)
 
 
 # ----------------------------------------------------------------------------------- strategies
@@ -300,15 +300,25 @@ def _strategy_losses(tmp_path: Path, overrides: list[str]) -> tuple[dict, list[f
     return summary, [e["loss"] for e in events if e["event"] == "train"]
 
 
-def test_transformer_trains_alike_under_every_strategy(tmp_path) -> None:
-    _, ref = _strategy_losses(tmp_path / "one", ["parallel.num_devices=1"])
-    for name, extra in {
-        "dp": [],
-        "fsdp": ["parallel.strategy=fsdp"],
-        "tp": ["parallel.strategy=tp", "parallel.mesh={data: 4, model: 2}"],
-        "pmap": ["parallel.strategy=pmap"],
-    }.items():
-        summary, got = _strategy_losses(tmp_path / name, extra)
-        assert summary["strategy"] == (name) and summary["devices"] == 8
-        np.testing.assert_allclose(got, ref, rtol=5e-5, atol=5e-6, err_msg=name)
+@pytest.fixture(scope="module")
+def one_device_losses(tmp_path_factory) -> list[float]:
+    _, ref = _strategy_losses(tmp_path_factory.mktemp("one"), ["parallel.num_devices=1"])
     assert ref[-1] < ref[0]
+    return ref
+
+
+@pytest.mark.parametrize(
+    "strategy, extra",
+    [
+        ("dp", []),
+        ("fsdp", ["parallel.strategy=fsdp"]),
+        ("tp", ["parallel.strategy=tp", "parallel.mesh={data: 4, model: 2}"]),
+        ("pmap", ["parallel.strategy=pmap"]),
+    ],
+)
+def test_transformer_trains_alike_under_every_strategy(
+    strategy, extra, one_device_losses, tmp_path
+) -> None:
+    summary, got = _strategy_losses(tmp_path, extra)
+    assert summary["strategy"] == strategy and summary["devices"] == 8
+    np.testing.assert_allclose(got, one_device_losses, rtol=5e-5, atol=5e-6)

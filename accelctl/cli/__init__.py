@@ -9,6 +9,7 @@ import typer
 from accelctl import __version__
 from accelctl.cli.bench import bench_command
 from accelctl.cli.compare import compare_command
+from accelctl.cli.configs import configs_command, init_command
 from accelctl.cli.data import app as data_app
 from accelctl.cli.env import env_command
 from accelctl.cli.eval import eval_command
@@ -49,6 +50,8 @@ app.command("plot")(plot_command)
 app.command("bench")(bench_command)
 app.command("env")(env_command)
 app.command("compare-devices")(compare_command)
+app.command("configs")(configs_command)
+app.command("init")(init_command)
 app.command("launch", context_settings={"allow_extra_args": True, "ignore_unknown_options": True})(
     launch_command
 )

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import sys
 from pathlib import Path
 from typing import Annotated, Any
@@ -66,14 +65,14 @@ def bench_command(
 
         if cpu_devices is not None:
             set_cpu_devices(cpu_devices)
-        workloads = _workloads(configs or [])
         for p in precision or []:
             if p not in COMPUTE_DTYPES:
                 raise UserError(f"--precision {p}: choose {', '.join(COMPUTE_DTYPES)}")
+        prior = bench.load_baseline(baseline) if baseline else None
+        workloads = _workloads(configs or [])
         if find_max_batch:
             limit = int(memory_limit) if memory_limit is not None else None
             return bench.find_max_batches(workloads, memory_limit=limit)
-        prior = _load_baseline(baseline) if baseline else None
         result = bench.run_bench(
             workloads,
             batch_sizes=batch_size,
@@ -106,41 +105,14 @@ def bench_command(
         raise typer.Exit(EXIT_REGRESSION)
 
 
-def _workloads(paths: list[Path]) -> list[tuple[str, dict[str, Any]]]:
+def _workloads(paths: list[Path]) -> list[tuple[str, Any]]:
     from accelctl import bench
     from accelctl import config as config_mod
 
     if not paths:
         return [(name, bench.builtin_config(name)) for name in bench.BUILTIN]
-    out = []
-    for path in paths:
-        cfg = config_mod.load(path)  # validated (and located errors) before anything runs
-        out.append((path.stem, cfg.to_dict()))
-    return out
-
-
-def _load_baseline(path: Path) -> dict[str, Any]:
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        raise UserError(f"--baseline {path}: cannot read it as JSON ({e})") from None
-    if not isinstance(data, dict) or not isinstance(data.get("results"), list):
-        raise UserError(
-            f"--baseline {path}: not an `accelctl bench --json` result (no 'results' list)"
-        )
-    keys = ("workload", "batch_size", "precision", "devices", "samples_per_s")
-    for i, row in enumerate(data["results"]):
-        missing = [k for k in keys if not isinstance(row, dict) or k not in row]
-        if not missing and not (
-            isinstance(row["samples_per_s"], int | float) and row["samples_per_s"] > 0
-        ):
-            missing = ["a positive samples_per_s"]
-        if missing:
-            raise UserError(
-                f"--baseline {path}: results[{i}] lacks {', '.join(missing)}; use a file "
-                "written by `accelctl bench --json`"
-            )
-    return data
+    # Validated (and located errors) before anything runs.
+    return [(Path(path).stem, config_mod.load(path)) for path in paths]
 
 
 def _render(result: dict[str, Any]) -> None:

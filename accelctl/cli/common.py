@@ -10,9 +10,16 @@ from typing import Annotated, Any, TypeVar
 
 import typer
 
-from accelctl.errors import UserError
+from accelctl.errors import PARAMS, AccelctlError
 
 T = TypeVar("T")
+
+# How the library's parameter names are spelled on the command line: library errors carry the
+# parameter (`UserError(..., param="run_dir")`), and only here do they become flags.
+FLAGS = {param: "--" + param.replace("_", "-") for param in PARAMS} | {
+    "json_out": "--json",
+    "overrides": "--set",
+}
 
 # Options every command spells the same way.
 JsonOut = Annotated[
@@ -39,19 +46,32 @@ EXIT_USAGE = 2
 EXIT_INTERRUPTED = 130  # 128 + SIGINT, as shells report it
 
 
-def run_guarded(fn: Callable[[], T], *, debug: bool) -> T:
-    """Call `fn`; a UserError becomes a one-paragraph message on stderr and its exit code.
+def run_guarded(
+    fn: Callable[[], T],
+    *,
+    debug: bool,
+    advice_fn: Callable[[AccelctlError], str | None] | None = None,
+) -> T:
+    """Call `fn`; an AccelctlError becomes a one-paragraph message on stderr and its exit code.
 
-    Internal bugs keep their traceback. With `debug`, user errors show it too. Ctrl-C outside the
-    training loop (which handles it itself) exits 130 without a traceback.
+    Internal bugs keep their traceback. With `debug`, reported errors show it too. Ctrl-C outside
+    the training loop (which handles it itself) exits 130 without a traceback.
+
+    Args:
+        fn: the command's one library call.
+        debug: re-raise instead (full traceback).
+        advice_fn: a line to add for an error (e.g. the command that resumes), or None.
     """
     try:
         return fn()
-    except UserError as e:
+    except AccelctlError as e:
         if debug:
             raise
         label = "error" if e.exit_code == EXIT_USAGE else "stopped"
-        print(f"{label}: {e}", file=sys.stderr)
+        message = e.render(FLAGS)
+        extra = advice_fn(e) if advice_fn is not None else None
+        if message or extra:
+            print(f"{label}: {message}" + (f" {extra}" if extra else ""), file=sys.stderr)
         raise typer.Exit(e.exit_code) from None
     except KeyboardInterrupt:
         if debug:

@@ -51,7 +51,7 @@ def compare_command(
         if config is None:
             name, cfg = DEFAULT_WORKLOAD, bench.builtin_config(DEFAULT_WORKLOAD)
         else:
-            name, cfg = config.stem, config_mod.load(config).to_dict()  # validated first
+            name, cfg = config.stem, config_mod.load(config)  # validated first
         n = cpu_devices or max(2, min(os.cpu_count() or 2, 8))
         result = compare.compare_devices(
             name,

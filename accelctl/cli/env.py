@@ -11,12 +11,12 @@ def env_command(json_out: JsonOut = None, debug: Debug = False) -> None:
     """Print a paste-ready report of this machine's JAX setup (--json for the fields)."""
 
     def go() -> dict[str, Any]:
-        from accelctl.devices import env_report
+        from accelctl.envreport import env_report
 
         return env_report()
 
     report = run_guarded(go, debug=debug)
     if not write_json(report, json_out):
-        from accelctl.devices import format_env_report
+        from accelctl.envreport import format_env_report
 
         print(format_env_report(report))

@@ -39,18 +39,11 @@ def launch_command(
     train_args = [str(config), *ctx.args]
 
     def go() -> int:
-        from accelctl import compare, launch
         from accelctl import config as config_mod
+        from accelctl import launch
         from accelctl.train import default_run_dir
 
-        chosen, gpus = platform, 0
-        if platform != "cpu":
-            gpus = compare.discover().get("backends", {}).get("gpu", {}).get("devices", 0)
-            chosen = "gpu" if gpus else "cpu"
-            if platform == "gpu" and not gpus:
-                from accelctl.errors import UserError
-
-                raise UserError("--platform gpu: no GPU is visible (see `accelctl env`)")
+        chosen, gpus = launch.choose_platform(platform)
         args = list(train_args)
         if "--run-dir" not in args:  # every process must write into the same run directory
             cfg = config_mod.load(config)

@@ -15,11 +15,16 @@ from accelctl.cli.common import (
     run_guarded,
     write_json,
 )
-from accelctl.errors import UserError
+from accelctl.errors import AccelctlError, Preempted, UserError
 
 
 def train_command(
-    config: Annotated[Path, typer.Argument(help="YAML config file (see configs/).")],
+    config: Annotated[
+        Path,
+        typer.Argument(
+            help="YAML config file, or a built-in config's name (`accelctl configs` lists them)."
+        ),
+    ],
     set_: SetOverrides = None,
     run_dir: Annotated[
         Path | None,
@@ -100,7 +105,15 @@ def train_command(
             cfg, run_dir=target, quiet=quiet or not main, description=config.stem, resume=resume
         )
 
-    summary = run_guarded(go, debug=debug)
+    def advice(e: AccelctlError) -> str | None:
+        if not isinstance(e, Preempted) or e.checkpoint is None:
+            return None
+        return (
+            f"Continue with: accelctl train {Path(e.run_dir) / 'config.yaml'} --run-dir "
+            f"{e.run_dir} --resume"
+        )
+
+    summary = run_guarded(go, debug=debug, advice_fn=advice)
     if _process_index() != 0:
         return  # process 0 reports for the whole job
     if not write_json(summary, json_out):

@@ -22,6 +22,7 @@ import numpy as np
 
 from accelctl.data.sources import Dataset, Split
 from accelctl.errors import FieldError, UserError
+from accelctl.installation import pip_install_hint
 
 RANDOM_ACCESS_FORMATS = ("array_record",)
 
@@ -38,7 +39,7 @@ def import_tfds() -> Any:
     except ImportError as e:
         raise UserError(
             f"tensorflow-datasets is not importable ({e}); install it with "
-            "`pip install 'accelctl[tfds]'`"
+            f"`{pip_install_hint('tfds')}`"
         ) from None
     # tfds warns through absl about folders it probes (e.g. "no dataset_info.json" for a data
     # set that is not prepared); accelctl reports those cases itself, in one message.
@@ -251,7 +252,7 @@ def prepare(name: str, data_dir: str | None) -> dict[str, Any]:
         except ImportError as e:
             raise UserError(
                 f"preparing {name} needs packages that are not installed ({e}); install them "
-                "with `pip install 'accelctl[tfds]'` (tensorflow-datasets prepares data sets "
+                f"with `{pip_install_hint('tfds')}` (tensorflow-datasets prepares data sets "
                 "with TensorFlow)"
             ) from None
         except Exception as e:  # network and I/O failures surface as many types

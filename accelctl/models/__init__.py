@@ -58,7 +58,10 @@ def build(
     Returns:
         The initialised NNX module.
     """
-    return _REGISTRY[cfg.name](cfg, input_shape, num_outputs, rngs, dtype)
+    # Weights' `out_sharding` metadata holds logical names, not mesh axes: Flax must not try to
+    # place them at creation (accelctl places the whole state with its own shardings).
+    with nnx.use_eager_sharding(False):
+        return _REGISTRY[cfg.name](cfg, input_shape, num_outputs, rngs, dtype)
 
 
 @register("mlp")

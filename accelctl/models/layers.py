@@ -12,12 +12,15 @@ import jax.numpy as jnp
 def logical(*names: str | None) -> dict[str, Any]:
     """Parameter metadata naming each axis of a weight, e.g. logical("embed", "mlp").
 
-    Pass it as `kernel_metadata=` / `bias_metadata=`; `parallel.py` maps the names to mesh axes
-    (tensor parallelism), so no model hard-codes a mesh. Names in use: "embed" (model width,
-    never split by tp), "mlp" (feed-forward hidden), "heads" (attention heads x head size),
-    "vocab"; None = an axis that is never split.
+    Pass it as `kernel_metadata=` / `bias_metadata=`. It is Flax NNX's own partitioning metadata
+    (`out_sharding`, what `nnx.with_partitioning` sets), holding *logical* names that
+    `parallel.py` maps to mesh axes (tensor parallelism), so no model hard-codes a mesh. Names in
+    use: "embed" (model width, never split by tp), "mlp" (feed-forward hidden), "heads"
+    (attention heads x head size), "vocab"; None = an axis that is never split.
+    `eager_sharding: False` keeps Flax from placing the value at creation (it would need a mesh
+    that knows these names); accelctl places the whole state itself (`jit(out_shardings=...)`).
     """
-    return {"logical_axes": names}
+    return {"out_sharding": names, "eager_sharding": False}
 
 
 ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {

@@ -1,10 +1,16 @@
-"""Training: state, pure steps, setup, and the host loop; `train()` runs a whole job."""
+"""Training: state, pure steps, the job, and the host loop; `train()` runs a whole job.
+
+Read `train()` top to bottom: check the run directory, build the job (nothing allocated yet),
+initialise the state or restore it, open the writers and the checkpointer, run the loop with
+its hooks, write the summary.
+"""
 
 from __future__ import annotations
 
 import datetime as dt
 import json
 import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -12,15 +18,6 @@ from typing import Any
 from accelctl.checkpoint import CHECKPOINT_DIR, complete_steps, incomplete_checkpoints
 from accelctl.config import Config
 from accelctl.errors import Preempted, UserError
-from accelctl.metrics import (
-    TENSORBOARD_DIR,
-    JsonlWriter,
-    MetricWriter,
-    MultiWriter,
-    NullWriter,
-    ProgressWriter,
-    TensorBoardWriter,
-)
 
 _OUTPUTS = ("config.yaml", "metrics.jsonl", "summary.json", CHECKPOINT_DIR)
 
@@ -35,19 +32,24 @@ def _check_run_dir(run_dir: Path) -> None:
     existing = [name for name in _OUTPUTS if (run_dir / name).exists()]
     if existing:
         raise UserError(
-            f"--run-dir {run_dir} already holds a run ({', '.join(existing)}); nothing was "
-            "overwritten. Continue it with --resume, choose a new --run-dir, or leave it out for "
-            "a fresh timestamped one."
+            f"already holds a run ({', '.join(existing)}); nothing was overwritten. Continue it "
+            "with {resume}, choose a new {run_dir}, or leave it out for a fresh timestamped one.",
+            param="run_dir",
+            value=run_dir,
         )
     if run_dir.exists() and not run_dir.is_dir():
-        raise UserError(f"--run-dir {run_dir} is a file, not a directory; choose another path")
+        raise UserError(
+            "is a file, not a directory; choose another path", param="run_dir", value=run_dir
+        )
 
 
 def _make_run_dir(run_dir: Path) -> None:
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
     except OSError as e:
-        raise UserError(f"--run-dir {run_dir}: cannot create the run directory ({e})") from None
+        raise UserError(
+            f"cannot create the run directory ({e})", param="run_dir", value=run_dir
+        ) from None
 
 
 def _stderr(message: str) -> None:
@@ -59,11 +61,107 @@ def _wants_resume(cfg: Config, run_dir: Path, resume: bool) -> bool:
     found = bool(complete_steps(ckpt_dir) or incomplete_checkpoints(ckpt_dir))
     if resume and not found:
         raise UserError(
-            f"--resume: {run_dir} holds no checkpoint to continue ({ckpt_dir} is missing or "
-            "empty); leave out --resume to start a fresh run there, or name the run directory "
-            "that has them"
+            f"{run_dir} holds no checkpoint to continue ({ckpt_dir} is missing or empty); leave "
+            "out {resume} to start a fresh run there, or name the run directory that has them",
+            param="resume",
+            value="",
         )
     return resume or (cfg.checkpoint.resume == "auto" and found)
+
+
+def _restore(job: Any, run_dir: Path, log_fn: Callable[[str], None]) -> tuple[Any, int, dict]:
+    """Restore the newest good checkpoint of `run_dir` straight into the job's abstract state.
+
+    Returns:
+        (state, step, the `resume` event for metrics.jsonl).
+    """
+    from accelctl import checkpoint
+    from accelctl.train.resume import check_resumable
+
+    changes: list[str] = []
+
+    def check(meta: dict[str, Any], path: Path) -> None:
+        changes[:] = check_resumable(job.cfg, job.sizes.steps_per_epoch, meta, path)
+
+    restored = checkpoint.restore(run_dir / CHECKPOINT_DIR, job.state.abstract, check_meta_fn=check)
+    start, total = restored.step, job.sizes.total_steps
+    for note in restored.notes:
+        log_fn(note)
+    if changes:
+        log_fn("config changes since the checkpoint (allowed): " + "; ".join(changes))
+    if start > total:
+        raise UserError(
+            f"the checkpoint {restored.path} is at step {start}, past the {total} steps this "
+            "config trains; raise train.steps or train.epochs to continue it"
+        )
+    log_fn(f"resuming from {restored.path} (step {start} of {total})")
+    event = {
+        "event": "resume",
+        "step": start,
+        "checkpoint": str(restored.path),
+        "notes": restored.notes,
+        "changes": changes,
+    }
+    return restored.state, start, event
+
+
+def _open_writers(cfg: Config, run_dir: Path, resume_event: dict | None, *, quiet: bool) -> Any:
+    """Process 0's writers (metrics.jsonl, TensorBoard, progress); a NullWriter elsewhere."""
+    import jax
+
+    from accelctl.metrics import (
+        TENSORBOARD_DIR,
+        JsonlWriter,
+        MetricWriter,
+        MultiWriter,
+        NullWriter,
+        ProgressWriter,
+        TensorBoardWriter,
+    )
+    from accelctl.train.resume import truncate_metrics
+
+    if jax.process_index() != 0:
+        return NullWriter()
+    _make_run_dir(run_dir)
+    (run_dir / "config.yaml").write_text(cfg.to_yaml(), encoding="utf-8")
+    start = resume_event["step"] if resume_event else None
+    if start is not None:
+        truncate_metrics(run_dir / "metrics.jsonl", start)
+    writers: list[MetricWriter] = [JsonlWriter(run_dir / "metrics.jsonl")]
+    if resume_event is not None:
+        writers[0].write(resume_event)
+    if cfg.output.tensorboard:
+        # metrics.jsonl keeps the events up to `start`; TensorBoard hides the later ones.
+        purge = None if start is None else start + 1
+        writers.append(TensorBoardWriter(run_dir / TENSORBOARD_DIR, purge_step=purge))
+    if not quiet:
+        writers.append(ProgressWriter())
+    return MultiWriter(writers)
+
+
+def fit(job: Any, state: Any = None, writer: Any = None) -> dict[str, Any]:
+    """Train a built job in memory: no run directory, no checkpoints, no signal handling.
+
+    Args:
+        job: from `accelctl.train.job.build_job`.
+        state: the state to start from (its step is the start step); None = `job.state.init()`.
+        writer: receives the events (None: discarded).
+    Returns:
+        The summary, as `train` writes it (without run_dir); the final state is not returned.
+    """
+    import jax
+
+    from accelctl.metrics import NullWriter
+    from accelctl.train.hooks import add_standard_hooks
+    from accelctl.train.loop import Loop
+    from accelctl.train.summary import summarize
+
+    state = job.state.init() if state is None else state
+    loop = Loop(job, state, writer or NullWriter(), start_step=int(jax.device_get(state.step)))
+    add_standard_hooks(loop, checkpointer=None, guard=None)
+    loop.run()
+    loop.writer.close()
+    return summarize(job, loop, None, startup_s=0.0, setup_s=job.steps.compile_time_s)
 
 
 def train(
@@ -94,105 +192,86 @@ def train(
     """
     import jax
 
-    from accelctl import checkpoint
-    from accelctl.train.loop import run
+    from accelctl.train.hooks import add_standard_hooks
+    from accelctl.train.job import build_job
+    from accelctl.train.loop import Loop
     from accelctl.train.preempt import PreemptionGuard
-    from accelctl.train.resume import check_resumable, truncate_metrics
-    from accelctl.train.setup import make_setup
+    from accelctl.train.summary import process_age_s, summarize
 
+    startup_s, t0 = process_age_s(), time.perf_counter()
     resuming = _wants_resume(cfg, run_dir, resume)
     if not resuming:
         _check_run_dir(run_dir)
-    setup = make_setup(cfg)  # config/data errors surface before anything is written
-    is_main = jax.process_index() == 0
-    ckpt_dir = run_dir / CHECKPOINT_DIR
-    start, resume_event = 0, None
-    if resuming:
-        changes: list[str] = []
-
-        def check(meta: dict[str, Any], path: Path) -> None:
-            changes[:] = check_resumable(cfg, setup.steps_per_epoch, meta, path)
-
-        restored = checkpoint.restore(ckpt_dir, abstract_like(setup.state), check_meta_fn=check)
-        setup.state, start = restored.state, restored.step
-        for note in restored.notes:
-            log_fn(note)
-        if changes:
-            log_fn("config changes since the checkpoint (allowed): " + "; ".join(changes))
-        if start > setup.total_steps:
-            raise UserError(
-                f"the checkpoint {restored.path} is at step {start}, past the "
-                f"{setup.total_steps} steps this config trains; raise train.steps or "
-                "train.epochs to continue it"
-            )
-        log_fn(f"resuming from {restored.path} (step {start} of {setup.total_steps})")
-        resume_event = {
-            "event": "resume",
-            "step": start,
-            "checkpoint": str(restored.path),
-            "notes": restored.notes,
-            "changes": changes,
-        }
-        if start == setup.total_steps and (run_dir / "summary.json").exists():
-            log_fn("the run is already complete; nothing to do")
-            return json.loads((run_dir / "summary.json").read_text())
-    writers: list[MetricWriter] = []
-    if is_main:
-        _make_run_dir(run_dir)
-        (run_dir / "config.yaml").write_text(cfg.to_yaml(), encoding="utf-8")
-        if resume_event is not None:
-            truncate_metrics(run_dir / "metrics.jsonl", start)
-        writers.append(JsonlWriter(run_dir / "metrics.jsonl"))
-        if resume_event is not None:
-            writers[0].write(resume_event)
-        if cfg.output.tensorboard:
-            # metrics.jsonl keeps the events up to `start`; TensorBoard hides the later ones.
-            purge = None if resume_event is None else start + 1
-            writers.append(TensorBoardWriter(run_dir / TENSORBOARD_DIR, purge_step=purge))
-        if not quiet:
-            writers.append(ProgressWriter())
-    writer = MultiWriter(writers) if writers else NullWriter()
-    ckpt = None
-    if cfg.checkpoint.enabled:
-        ckpt = checkpoint.Checkpointer(
-            ckpt_dir,
-            cfg.checkpoint,
-            steps_per_epoch=setup.steps_per_epoch,
-            total_steps=setup.total_steps,
-        )
+    job = build_job(cfg)  # config/data errors surface before anything is written
+    state, start, resume_event = (
+        _restore(job, run_dir, log_fn) if resuming else (job.state.init(), 0, None)
+    )
+    if resume_event and start == job.sizes.total_steps and (run_dir / "summary.json").exists():
+        log_fn("the run is already complete; nothing to do")
+        return json.loads((run_dir / "summary.json").read_text())
+    setup_s = time.perf_counter() - t0
+    writer = _open_writers(cfg, run_dir, resume_event, quiet=quiet)
+    ckpt = _checkpointer(job, run_dir)
+    loop = Loop(job, state, writer, start_step=start, description=description)
     try:
         with PreemptionGuard() as guard:
-            summary = run(
-                setup,
-                writer,
-                start_step=start,
-                checkpointer=ckpt,
-                guard=guard,
-                description=description,
-            )
+            add_standard_hooks(loop, checkpointer=ckpt, guard=guard)
+            loop.run()
     finally:
         writer.close()
         if ckpt is not None:
             ckpt.close()  # pending async writes complete before the process goes on or exits
+    final_eval_s = _final_eval(job, loop)
+    summary = summarize(
+        job, loop, ckpt, startup_s=startup_s, setup_s=setup_s, final_eval_s=final_eval_s
+    )
     summary["run_dir"] = str(run_dir)
-    if summary["status"] == "preempted":
-        where = summary["checkpoint"] if ckpt is not None else None
-        raise Preempted(
-            f"{summary['signal']} after step {summary['steps']} of {setup.total_steps}; "
-            + (
-                f"checkpoint written to {where}. Continue with: accelctl train "
-                f"{run_dir / 'config.yaml'} --run-dir {run_dir} --resume"
-                if where
-                else "no checkpoint was written (checkpoint.enabled is false)"
-            )
-        )
-    if is_main:
+    if loop.stop:
+        raise _preempted(loop, summary["checkpoint"], run_dir)
+    if jax.process_index() == 0:
         (run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     return summary
 
 
-def abstract_like(tree: Any) -> Any:
-    """ShapeDtypeStructs (with shardings) of a pytree of arrays: a restore target."""
-    import jax
+def _checkpointer(job: Any, run_dir: Path) -> Any:
+    """The run's Checkpointer, or None when `checkpoint.enabled` is false."""
+    from accelctl import checkpoint
 
-    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), tree)
+    cfg = job.cfg.checkpoint
+    if not cfg.enabled:
+        return None
+    return checkpoint.Checkpointer(
+        run_dir / CHECKPOINT_DIR,
+        cfg,
+        steps_per_epoch=job.sizes.steps_per_epoch,
+        total_steps=job.sizes.total_steps,
+    )
+
+
+def _final_eval(job: Any, loop: Any) -> float:
+    """Evaluate after the loop when it ran no evaluation: a run resumed from its last step's
+    checkpoint (killed before its summary) has nothing left to train, but its summary needs
+    the final evaluation. Returns the seconds it took."""
+    from accelctl.train.loop import evaluate
+
+    if loop.last_eval is not None or loop.stop:
+        return 0.0
+    t0 = time.perf_counter()
+    metrics = evaluate(job, loop.state.params, loop.state.model_state)
+    metrics.pop("_sums")
+    loop.last_eval, loop.last_eval_step = metrics, loop.done
+    return time.perf_counter() - t0
+
+
+def _preempted(loop: Any, checkpoint: str | None, run_dir: Path) -> Preempted:
+    written = (
+        f"checkpoint written to {checkpoint}"
+        if checkpoint
+        else "no checkpoint was written (checkpoint.enabled is false)"
+    )
+    return Preempted(
+        f"{loop.stop} after step {loop.done} of {loop.total}; {written}",
+        run_dir=run_dir,
+        step=loop.done,
+        checkpoint=checkpoint,
+    )

@@ -6,8 +6,6 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from accelctl import checkpoint, config
 from accelctl.checkpoint import IncompatibleCheckpoint
 from accelctl.config import Config
@@ -31,16 +29,16 @@ def evaluate_checkpoint(
         UserError: nothing checkpoint-like at `path`, unreadable checkpoints, or a config whose
             model differs from the checkpoint's.
     """
-    from accelctl.train import abstract_like
+    from accelctl.train.job import build_job
     from accelctl.train.loop import evaluate
-    from accelctl.train.setup import make_setup
 
     directory, step = checkpoint.find_checkpoint(path)
     if cfg is None:
         meta = checkpoint.read_meta(directory, step)
-        text = yaml.safe_dump(meta["config"], sort_keys=False)
-        cfg = config.load_text(text, f"{directory}/{meta.get('step', '?')}/meta:config", overrides)
-    setup = make_setup(cfg, compile_train=False)
+        where = f"{directory}/{meta.get('step', '?')}/meta:config"
+        cfg = config.from_dict(meta["config"], where, overrides)
+    # Nothing of the train state is allocated: only params and model state are restored.
+    job = build_job(cfg, compile_train=False)
 
     def same_model(meta: dict[str, Any], where: Path) -> None:
         _, refused = config_changes(meta["config"], cfg.to_dict())
@@ -52,13 +50,14 @@ def evaluate_checkpoint(
             )
 
     restored = checkpoint.restore(
-        directory, abstract_like(setup.state), step=step, check_meta_fn=same_model
+        directory, job.state.eval_target(), step=step, check_meta_fn=same_model, partial=True
     )
-    _, metrics = evaluate(setup, restored.state, update_plateau=False)
+    metrics = evaluate(job, restored.state["params"], restored.state["model_state"])
+    metrics.pop("_sums")
     return {
         "checkpoint": str(restored.path),
         "step": restored.step,
         "eval": metrics,
-        "devices": int(setup.mesh.devices.size),
+        "devices": int(job.mesh.devices.size),
         "notes": restored.notes,
     }

@@ -121,7 +121,8 @@ def make_train_step(sc: StepConfig) -> Callable[[TrainState, Batch], tuple[Train
         # (train.on_nan decides on the host whether the run stops or goes on). Under fp16 loss
         # scaling, non-finite gradients of a finite loss are an overflow: skipped, not an error.
         loss_ok = jnp.isfinite(loss)
-        grads_ok = jnp.isfinite(optax.tree.norm(grads))
+        grad_norm = optax.tree.norm(grads)
+        grads_ok = jnp.isfinite(grad_norm)
         finite = loss_ok & grads_ok
         loss_scale = state.loss_scale
         if loss_scale is not None:
@@ -141,6 +142,8 @@ def make_train_step(sc: StepConfig) -> Callable[[TrainState, Batch], tuple[Train
             "count": state.sums["count"] + n,
             "skipped": state.sums["skipped"] + bad.astype(jnp.float32),
             "overflow": state.sums["overflow"] + overflow.astype(jnp.float32),
+            # Of the applied updates only: summed here, averaged per log interval on the host.
+            "grad_norm": state.sums["grad_norm"] + jnp.where(finite, grad_norm, 0.0),
         }
         first_bad = (state.first_skipped < 0) & bad
         new_state = state.replace(
@@ -241,15 +244,17 @@ def make_cached_train_step(
     return cached_train_step
 
 
-def make_eval_step(sc: StepConfig) -> Callable[[TrainState, Batch, Batch], Batch]:
-    """Return eval_step(state, batch, sums) -> sums, adding this batch's masked sums.
+def make_eval_step(sc: StepConfig) -> Callable[[nnx.State, nnx.State, Batch, Batch], Batch]:
+    """Return eval_step(params, model_state, batch, sums) -> sums, adding this batch's masked
+    sums.
 
-    batch: {"x", "y", "mask"}; padded rows have mask 0 and do not count.
+    Only the parameters and the model state are read, so evaluating a checkpoint never needs
+    the optimizer state. batch: {"x", "y", "mask"}; padded rows have mask 0 and do not count.
     """
     loss_fn = LOSSES[sc.loss]
 
-    def eval_step(state: TrainState, batch: Batch, sums: Batch) -> Batch:
-        logits, _ = _forward(sc, state.params, state.model_state, batch["x"], train=False)
+    def eval_step(params: nnx.State, model_state: nnx.State, batch: Batch, sums: Batch) -> Batch:
+        logits, _ = _forward(sc, params, model_state, batch["x"], train=False)
         losses = loss_fn(logits, batch["y"], label_smoothing=sc.label_smoothing)
         # mask (B,): padded examples count 0; for token data it covers every position.
         mask = batch["mask"].reshape(batch["mask"].shape + (1,) * (losses.ndim - 1))

@@ -1,0 +1,141 @@
+"""The loop's hooks, each with its own cadence: metric reads, evaluation, preemption checks,
+checkpoints and progress. `add_standard_hooks` installs them in the order they must run after a
+step: read metrics, evaluate, decide whether to stop, checkpoint.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import time
+from typing import Any
+
+import jax
+
+import accelctl
+from accelctl import data
+from accelctl.checkpoint import Checkpointer
+from accelctl.distributed import any_process
+from accelctl.train.loop import Interval, Loop, evaluate, every
+from accelctl.train.preempt import PreemptionGuard
+
+
+class MetricsHook:
+    """Every `train.log_every` steps: take the interval's metric sums (on the device) and write
+    the previous interval's, whose values are long computed by now (no host stall)."""
+
+    def __init__(self, loop: Loop) -> None:
+        self.last_step = loop.start_step
+        self.last_time = time.perf_counter()
+        self.excluded = loop.timings.total()
+
+    def __call__(self, loop: Loop) -> None:
+        loop.state, sums = loop.job.steps.take_sums(loop.state)
+        now, excluded = time.perf_counter(), loop.timings.total()
+        # Time spent in evaluations and checkpoints is not training time.
+        seconds = now - self.last_time - (excluded - self.excluded)
+        loop.flush()
+        loop.pending = Interval(loop.done, loop.done - self.last_step, sums, seconds)
+        self.last_step, self.last_time, self.excluded = loop.done, now, excluded
+
+
+def eval_hook(loop: Loop) -> None:
+    """Evaluate on the eval split; feed the plateau controller when it watches the eval loss."""
+    # Evaluation needs this state anyway; waiting for it here keeps the queued train steps out
+    # of the eval time that is subtracted from the throughput.
+    jax.block_until_ready(loop.state)
+    with loop.timings.timed("eval"):
+        loop.flush()  # the train interval before this evaluation is written first
+        metrics = evaluate(loop.job, loop.state.params, loop.state.model_state)
+        sums = metrics.pop("_sums")
+        if loop.job.steps.plateau is not None:
+            loop.state = loop.job.steps.plateau(loop.state, sums)
+        loop.last_eval, loop.last_eval_step = metrics, loop.done
+        spe = loop.job.sizes.steps_per_epoch
+        epoch = (loop.done - 1) // spe + 1
+        loop.writer.write({"event": "eval", "step": loop.done, "epoch": epoch, **metrics})
+
+
+def preemption_hook(guard: PreemptionGuard) -> Any:
+    """After a signal, stop the loop (a checkpoint hook after it then saves).
+
+    With several processes all of them must stop (and checkpoint) at the same step, so they
+    agree at log intervals (a tiny all-gather of each one's flag), not on every signal at once.
+    A signal during the last step changes nothing: the run completes normally.
+    """
+
+    def check(loop: Loop) -> None:
+        if loop.done >= loop.total:
+            return
+        if jax.process_count() == 1:
+            loop.stop = guard.requested
+        elif any_process(guard.requested is not None):
+            loop.stop = guard.requested or "SIGTERM (another process)"
+
+    return check
+
+
+def checkpoint_meta(loop: Loop, eval_metrics: dict[str, float] | None) -> dict[str, Any]:
+    """What a checkpoint records besides the state: enough to check and continue the run."""
+    job, step = loop.job, loop.done
+    spe = job.sizes.steps_per_epoch
+    return {
+        "step": step,
+        "total_steps": job.sizes.total_steps,
+        "steps_per_epoch": spe,
+        "data_position": data.DataPosition.at(
+            step, steps_per_epoch=spe, seed=job.cfg.train.seed
+        ).to_dict(),
+        "eval": eval_metrics,
+        "config": job.cfg.to_dict(),
+        "devices": int(job.mesh.devices.size),
+        "accelctl_version": accelctl.__version__,
+        "jax_version": jax.__version__,
+        "time": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+    }
+
+
+def checkpoint_hook(checkpointer: Checkpointer) -> Any:
+    """Save the state (queued train steps finish first, outside the timed wait)."""
+
+    def save(loop: Loop) -> None:
+        jax.block_until_ready(loop.state)
+        with loop.timings.timed("checkpoint"):
+            # Flush the metrics up to here first: a run killed after this checkpoint has them
+            # all on disk, and its resumed run logs the rest.
+            loop.flush()
+            on_nan_stop = loop.job.cfg.train.on_nan == "stop"
+            if on_nan_stop and int(jax.device_get(loop.state.first_skipped)) >= 0:
+                raise loop.nonfinite()
+            evals = loop.last_eval if loop.last_eval_step == loop.done else None
+            checkpointer.save(
+                loop.done, loop.state, checkpoint_meta(loop, evals), eval_metrics=evals
+            )
+            loop.last_checkpoint = loop.done
+
+    return save
+
+
+def add_standard_hooks(
+    loop: Loop, *, checkpointer: Checkpointer | None, guard: PreemptionGuard | None
+) -> None:
+    """Install the hooks of a training run on `loop`, in the order they run after a step."""
+    tc, total = loop.job.cfg.train, loop.total
+    spe = loop.job.sizes.steps_per_epoch
+    loop.add_hook("progress", every(max(tc.log_every // 10, 1), total=total), _progress)
+    loop.add_hook("metrics", every(tc.log_every, total=total), MetricsHook(loop))
+    loop.add_hook("eval", every(tc.eval_every or spe, total=total), eval_hook)
+    if guard is not None:
+        cadence = 1 if jax.process_count() == 1 else tc.log_every
+        loop.add_hook("preemption", every(cadence, total=total), preemption_hook(guard))
+    if checkpointer is not None:
+        loop.checkpoint_path_fn = checkpointer.path_of
+
+        def due(step: int) -> bool:
+            return loop.stop is not None or checkpointer.due(step)
+
+        loop.add_hook("checkpoint", due, checkpoint_hook(checkpointer))
+
+
+def _progress(loop: Loop) -> None:
+    """Move the progress bar to the steps dispatched so far (metrics follow one interval late)."""
+    loop.writer.progress(loop.done)

@@ -1,0 +1,199 @@
+"""Everything a run needs before its first step, as small frozen pieces: the mesh, the sizes,
+the data feed, the abstract state and the compiled steps.
+
+`build_job(cfg)` reads like the data flow of DESIGN.md: mesh → data → model and optimizer →
+abstract state (+ shardings) → steps compiled ahead of time for those shardings. No train state
+exists yet: the caller initialises it (`job.state.init()`) or restores a checkpoint into
+`job.state.abstract`, never both.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import jax
+from flax import nnx
+from jax.sharding import Mesh
+
+from accelctl import data, models, optim, parallel, precision
+from accelctl.config import Config
+from accelctl.config.base import INT32_MAX
+from accelctl.data import Dataset, Split
+from accelctl.errors import FieldError
+from accelctl.train.feed import DataFeed
+from accelctl.train.state import StateSpec, make_state_spec
+from accelctl.train.step import StepConfig
+from accelctl.train.steps import Steps, compile_steps
+
+
+@dataclass(frozen=True)
+class Sizes:
+    """Batch sizes and run length, checked against the devices and the data."""
+
+    batch: int  # global, per update
+    eval_batch: int
+    steps_per_epoch: int
+    total_steps: int
+
+
+@dataclass(frozen=True)
+class Job:
+    """A ready-to-run training (or evaluation) job; immutable."""
+
+    cfg: Config
+    mesh: Mesh
+    sizes: Sizes
+    feed: DataFeed
+    state: StateSpec
+    steps: Steps
+
+    @property
+    def dataset(self) -> Dataset:
+        return self.feed.dataset
+
+
+def check_sizes(cfg: Config, mesh: Mesh, ds: Dataset) -> Sizes:
+    """The run's sizes, or a located ConfigError when a batch does not fit the devices/data."""
+    batch = cfg.train.batch_size
+    eval_batch = cfg.train.eval_batch_size or batch
+    parallel.check_batch_size(cfg, mesh, batch, "batch_size")
+    parallel.check_batch_size(
+        cfg, mesh, eval_batch, "eval_batch_size" if cfg.train.eval_batch_size else "batch_size"
+    )
+    k = cfg.optimizer.accumulate_steps
+    if batch % (k * mesh.shape["data"]):
+        raise cfg.error_at(
+            ("optimizer", "accumulate_steps"),
+            f"{k} micro-batches of a batch of {batch} do not each divide over the "
+            f"{mesh.shape['data']} devices of the data axis; train.batch_size must be a multiple "
+            f"of {k * mesh.shape['data']}",
+        )
+    steps_per_epoch = len(ds.train) // batch
+    if steps_per_epoch == 0:
+        raise cfg.error_at(
+            ("train", "batch_size"),
+            f"{batch} is larger than the {len(ds.train)} training examples; lower it",
+        )
+    total = cfg.train.steps or (cfg.train.epochs or 10) * steps_per_epoch
+    if total > INT32_MAX:  # the step counter on the devices is int32
+        raise cfg.error_at(
+            ("train", "epochs"),
+            f"{cfg.train.epochs} epochs of {steps_per_epoch} steps are {total:,} steps, more than "
+            f"the {INT32_MAX:,} a run can count; lower train.epochs",
+        )
+    return Sizes(batch, eval_batch, steps_per_epoch, total)
+
+
+def check_inputs(cfg: Config, ds: Dataset) -> None:
+    """Located ConfigErrors for a model/data mismatch found before anything is compiled."""
+    shape = ds.input_shape
+    transformer = cfg.model.name == "transformer"
+    if ds.tokens and not transformer:
+        raise cfg.error_at(
+            ("model", "name"),
+            f"{ds.name} holds token ids, which only the transformer model reads; set "
+            "model.name: transformer",
+        )
+    if transformer and not ds.tokens:
+        raise cfg.error_at(
+            ("data", "source"),
+            f"the transformer model reads token ids, but {ds.name} examples are not tokens; use "
+            "data.source: tokens",
+        )
+    max_len = getattr(cfg.model, "max_len", None)
+    if transformer and max_len is not None and shape[0] > max_len:
+        raise cfg.error_at(
+            ("data", "seq_len"),
+            f"sequences of {shape[0]} tokens exceed model.max_len {max_len} (the positions the "
+            "model has); lower data.seq_len or raise model.max_len",
+        )
+    if cfg.data.augment.enabled and len(shape) not in (2, 3):
+        raise cfg.error_at(
+            ("data", "augment"),
+            f"augmentation needs images (H, W[, C]); {ds.name} examples have shape {shape}",
+        )
+    # Grayscale (H, W) images have one channel; otherwise the last axis holds the channels.
+    channels = 1 if len(shape) == 2 else shape[-1]
+    if cfg.data.mean is not None and len(cfg.data.mean) not in (1, channels):
+        raise cfg.error_at(
+            ("data", "mean"),
+            f"{len(cfg.data.mean)} values, but {ds.name} examples of shape {shape} have "
+            f"{channels} channel(s); give one value or one per channel",
+        )
+
+
+def _place_data(cfg: Config, mesh: Mesh, ds: Dataset) -> tuple[Dataset, str, str]:
+    """Decide and apply the cache mode: decode streamed splits that are to be cached."""
+    mode, reason = data.plan_cache(cfg.data.cache, ds.train, mesh)
+    if cfg.parallel.strategy == "pmap" and mode == "device":
+        if cfg.data.cache == "device":
+            raise cfg.error_at(
+                ("data", "cache"),
+                "device caching gathers batches inside a jit step; strategy pmap feeds each "
+                "device its rows from the host: use cache: host or auto",
+            )
+        mode, reason = "host", "strategy pmap feeds batches from the host"
+    train, ev = ds.train, ds.eval
+    if mode in ("device", "host") and not isinstance(train, Split):
+        train = train.load()  # type: ignore[attr-defined]
+    if mode != "none" and not isinstance(ev, Split):
+        ev = ev.load()  # type: ignore[attr-defined]
+    return dataclasses.replace(ds, train=train, eval=ev), mode, reason
+
+
+def make_model_fn(cfg: Config, ds: Dataset) -> Callable[[jax.Array], nnx.Module]:
+    """param_key -> the configured model, initialised from that key, in the compute dtype."""
+    dtype = precision.compute_dtype(cfg.precision)
+
+    def make_model(key: jax.Array) -> nnx.Module:
+        return models.build(
+            cfg.model, ds.input_shape, ds.num_classes, rngs=nnx.Rngs(params=key), dtype=dtype
+        )
+
+    return make_model
+
+
+def build_job(cfg: Config, *, compile_train: bool = True) -> Job:
+    """Build the mesh, load the data, describe the state and compile the steps.
+
+    Args:
+        cfg: validated config.
+        compile_train: compile the train step ahead of time (and time it); False leaves it to
+            compile on first use (evaluation-only jobs never use it).
+    Returns:
+        The Job; no train state exists yet.
+    Raises:
+        ConfigError / UserError: bad sizes for the devices, unreadable data, a model that
+            does not fit the data.
+    """
+    mesh = parallel.make_mesh(cfg)
+    try:
+        ds = data.build(cfg.data)
+    except FieldError as e:
+        raise cfg.error_at(e.path, e.message) from None
+    sizes = check_sizes(cfg, mesh, ds)
+    check_inputs(cfg, ds)
+    ds, cache_mode, cache_reason = _place_data(cfg, mesh, ds)
+    opt = optim.build(cfg.optimizer, cfg.schedule, sizes.total_steps)
+    spec = make_state_spec(cfg, mesh, make_model_fn(cfg, ds), opt)
+    pmap = spec.strategy == "pmap"
+    sc = StepConfig(
+        graphdef=spec.graphdef,
+        optimizer=opt,
+        loss=cfg.train.loss,
+        label_smoothing=cfg.train.label_smoothing,
+        x_scale=ds.x_scale,
+        token_inputs=ds.tokens,
+        x_mean=cfg.data.mean,
+        x_std=cfg.data.std,
+        crop_padding=cfg.data.augment.crop_padding,
+        flip=cfg.data.augment.flip,
+        accumulate_steps=cfg.optimizer.accumulate_steps,
+        micro_sharding=None if pmap else parallel.micro_batch_sharding(mesh),
+        axis_name="data" if pmap else None,
+    )
+    feed = DataFeed.make(ds, mesh, sizes.batch, cache_mode, cache_reason, pmap=pmap)
+    steps = compile_steps(sc, spec, feed, mesh, sizes, compile_train=compile_train)
+    return Job(cfg=cfg, mesh=mesh, sizes=sizes, feed=feed, state=spec, steps=steps)
