@@ -9,9 +9,10 @@ use for it, so the docs and the checks cannot drift apart.
 from __future__ import annotations
 
 import unicodedata
+from pathlib import Path
 from typing import Annotated
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationInfo
 
 # The train step counter, labels and batch indices are int32 on the devices.
 INT32_MAX = 2**31 - 1
@@ -73,3 +74,37 @@ OpenFraction = Annotated[float, Field(gt=0.0, lt=1.0)]
 # Paths, names and keys: a control character (e.g. a NUL from a "\0" escape) is never meant and
 # would fail deep inside the OS or a library.
 Text = Annotated[str, Field(max_length=TEXT_MAX), AfterValidator(_no_control_chars)]
+
+
+def _import_target(value: str, info: ValidationInfo) -> str:
+    """Check `package.module:Name` / `path/to/file.py:Name`; file paths become absolute, resolved
+    against the config file's folder (validation context `base_dir`), so the resolved config
+    (written into the run directory, read by resume, eval and compare-devices from elsewhere)
+    still names the same file."""
+    module, sep, attr = value.rpartition(":")
+    if not sep or not module.strip() or not all(p.isidentifier() for p in attr.split(".")):
+        raise ValueError(
+            "expected package.module:Name (an importable module) or path/to/file.py:Name (a "
+            "file, relative to the config file's folder), e.g. my_project.nets:VisionTransformer"
+        )
+    if module.endswith(".py"):
+        path = Path(module).expanduser()
+        if not path.is_absolute():
+            base = (info.context or {}).get("base_dir")
+            path = Path(base or ".") / path
+        return f"{path.resolve()}:{attr}"
+    if not all(p.isidentifier() for p in module.split(".")):
+        raise ValueError(
+            f"{module!r} is neither a dotted module name nor a path ending in .py; write "
+            "package.module:Name or path/to/file.py:Name"
+        )
+    return value
+
+
+# An import path to a callable (a model class or factory, a data loader, a loss function).
+Target = Annotated[
+    str,
+    Field(max_length=TEXT_MAX),
+    AfterValidator(_no_control_chars),
+    AfterValidator(_import_target),
+]

@@ -4,7 +4,7 @@ sources share: device/host caching, on-device augmentation and normalisation."""
 from __future__ import annotations
 
 import math
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import Field, model_validator
 
@@ -24,6 +24,7 @@ from accelctl.config.base import (
     Section,
     Seed,
     Size,
+    Target,
     Text,
 )
 
@@ -181,18 +182,62 @@ class TfdsData(_DataCommon):
     )
 
 
+class PythonData(_HeldOut):
+    source: Literal["python"] = Field(
+        description="The user's own data: `target` is called with `args` and returns "
+        '{"train": TRAIN, "eval": EVAL} (eval optional: then eval_fraction is held out), each '
+        "either a tuple of arrays (x, y) or a random-access source (__len__ and __getitem__, "
+        "plus __getitems__ when present: tfds data_source, ArrayRecord, Grain) whose rows are "
+        "(x, y) tuples or dicts keyed by x_key / y_key."
+    )
+    target: Target = Field(
+        description="package.module:fn or path/to/file.py:fn (relative to the config file's "
+        "folder), the loader to call."
+    )
+    args: dict[str, Any] = Field(
+        default_factory=dict, description="Keyword arguments for the loader (e.g. root: /data)."
+    )
+    x_key: Text = Field("x", description="Key of the input in dict rows.")
+    y_key: Text = Field("y", description="Key of the integer class label (or targets).")
+    num_classes: Annotated[int, Field(ge=2, le=VOCAB_MAX)] | None = Field(
+        None,
+        description="Classes (2 to 2^24); null = the largest label + 1 (for arrays; a "
+        "random-access source, which is never read whole, needs it given).",
+    )
+    cache: Literal["auto", "device", "host", "none"] = Field(
+        "auto",
+        description="device / host: keep the split on the devices / in host memory (a "
+        "random-access source is then read once); none: read every batch from the source in "
+        "the prefetch thread; auto: device if it fits in a quarter of device memory, else "
+        "host (arrays) or none (a random-access source).",
+    )
+    read_threads: Annotated[int, Field(ge=1, le=1024)] = Field(
+        8, description="Threads that read rows of a random-access source (1 to 1024)."
+    )
+
+
 class TokensData(_DataCommon):
     source: Literal["tokens"] = Field(
         description="Token sequences for next-token prediction (model: transformer): x = tokens "
         "0..T-1, y = tokens 1..T of each window."
     )
-    kind: Literal["synthetic", "text"] = Field(
+    kind: Literal["synthetic", "text", "bin"] = Field(
         "synthetic",
         description="synthetic: sequences from a fixed random Markov chain (learnable, no "
-        "files); text: a text file read as bytes (byte-level, vocabulary 256).",
+        "files); text: a text file read as bytes (byte-level, vocabulary 256); bin: a "
+        "pre-tokenised corpus as written by nanoGPT's and MaxText's preparation scripts (flat "
+        "uint16/uint32 token ids, memory-mapped, never read whole).",
     )
     path: Text | None = Field(
-        None, description="text: the file to read; its last eval_fraction of bytes is the eval set."
+        None,
+        description="text: the file to read; its last eval_fraction of bytes is the eval set. "
+        "bin: a folder holding train.bin and val.bin, or the training .bin file itself.",
+    )
+    eval_path: Text | None = Field(
+        None, description="bin: the eval tokens' .bin file; null = val.bin beside the train file."
+    )
+    token_dtype: Literal["uint16", "uint32"] = Field(
+        "uint16", description="bin: how the token ids are stored (nanoGPT writes uint16)."
     )
     seq_len: Size = Field(
         128, description=f"Tokens per example, T ({SIZE}); must not exceed model.max_len."
@@ -225,8 +270,24 @@ class TokensData(_DataCommon):
     def _kind_fields(self) -> TokensData:
         if self.kind == "text" and self.path is None:
             raise ValueError("kind: text needs path (a text file, read as bytes)")
+        if self.kind == "bin" and self.path is None:
+            raise ValueError(
+                "kind: bin needs path (a folder with train.bin and val.bin, or a .bin)"
+            )
         if self.kind == "synthetic" and self.path is not None:
-            raise ValueError("path is only read with kind: text; set kind: text or drop path")
+            raise ValueError("path is only read with kind: text or bin; set the kind or drop path")
+        if self.kind != "bin" and self.eval_path is not None:
+            raise ValueError("eval_path is only read with kind: bin")
+        if self.kind == "bin" and "vocab_size" not in self.model_fields_set:
+            raise ValueError(
+                "kind: bin needs vocab_size: the tokenizer's vocabulary (e.g. 50257 for GPT-2's; "
+                "nanoGPT rounds it up to 50304)"
+            )
+        if self.kind == "bin" and self.token_dtype == "uint16" and self.vocab_size > 65536:
+            raise ValueError(
+                f"uint16 token ids go up to 65535, but vocab_size is {self.vocab_size}; set "
+                "token_dtype: uint32 or lower vocab_size"
+            )
         if self.kind == "text" and self.vocab_size != 256:
             raise ValueError(
                 f"text is byte-level, so its vocabulary is 256; drop vocab_size "
@@ -238,5 +299,6 @@ class TokensData(_DataCommon):
 
 
 DataConfig = Annotated[
-    DigitsData | SyntheticData | NpzData | TfdsData | TokensData, Field(discriminator="source")
+    DigitsData | SyntheticData | NpzData | TfdsData | TokensData | PythonData,
+    Field(discriminator="source"),
 ]

@@ -79,6 +79,8 @@ def _clean_loc(loc: Sequence[str | int], data: Any) -> FieldPath:
             cur = cur[part]
         elif isinstance(cur, dict) and part in cur.values() and part in _TAGS:
             continue  # the discriminator value
+        elif out == ["model"] and part == "custom":
+            continue  # the tag a `target` model gets implicitly
         else:
             out.append(part)
             cur = None
@@ -149,7 +151,7 @@ def _describe(err: dict[str, Any], data: dict[str, Any], src: Source) -> str:
     if kind == "union_tag_invalid":
         tags = [t.strip(" '") for t in str(err["ctx"].get("expected_tags", "")).split(",")]
         close = difflib.get_close_matches(str(err["ctx"].get("tag")), tags, n=1, cutoff=0.5)
-        msg = f"unknown {loc[-1]} {err['ctx'].get('tag')!r}; choose one of {', '.join(tags)}"
+        msg = f"unknown {loc[-1]} {err['ctx'].get('tag')!r}; choose one of {_choices(tags)}"
         msg += f" (did you mean '{close[0]}'?)" if close else ""
     elif kind == "union_tag_not_found":
         field = Config.model_fields.get(str(loc[0]))
@@ -158,7 +160,7 @@ def _describe(err: dict[str, Any], data: dict[str, Any], src: Source) -> str:
             if (field and len(loc) == 2)
             else []
         )
-        msg = f"missing; choose one of {', '.join(tags)}"
+        msg = f"missing; choose one of {_choices(tags)}"
     elif kind == "missing":
         msg = "required field is missing"
     elif msg.startswith("Value error, "):
@@ -170,6 +172,14 @@ def _describe(err: dict[str, Any], data: dict[str, Any], src: Source) -> str:
 
 
 _TAGS = _union_tags()
+
+
+def _choices(tags: list[str]) -> str:
+    """The tags a user can write; `custom` is set implicitly by giving a target instead."""
+    if "custom" not in tags:
+        return ", ".join(tags)
+    names = ", ".join(t for t in tags if t != "custom")
+    return f"{names}, or no name and target: package.module:Name for your own model"
 
 
 def load_text(text: str, filename: str = "<config>", overrides: Sequence[str] = ()) -> Config:
@@ -193,7 +203,8 @@ def load_text(text: str, filename: str = "<config>", overrides: Sequence[str] = 
 
 def _validate(data: dict[str, Any], src: Source) -> Config:
     try:
-        cfg = Config.model_validate(data)
+        # Import paths to files (model.target, ...) are relative to the config file's folder.
+        cfg = Config.model_validate(data, context={"base_dir": src.base_dir})
     except ValidationError as e:
         errors = e.errors()
         # A long list of wrong values gives one error each; the first ones say enough.

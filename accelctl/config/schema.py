@@ -6,7 +6,7 @@ from collections.abc import Sequence
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import Field, PrivateAttr, model_validator
+from pydantic import AfterValidator, Field, PrivateAttr, ValidationInfo, model_validator
 
 from accelctl.config.base import (
     COUNT,
@@ -20,6 +20,7 @@ from accelctl.config.base import (
     SEED,
     SIZE,
     SIZE_MAX,
+    TEXT_MAX,
     Count,
     Fraction,
     Layers,
@@ -29,7 +30,9 @@ from accelctl.config.base import (
     PositiveFinite,
     Seed,
     Size,
+    Target,
     Text,
+    _import_target,
 )
 from accelctl.config.base import Section as _Section
 from accelctl.config.data import DataConfig, DigitsData
@@ -162,9 +165,50 @@ class TransformerConfig(_Section):
         return self
 
 
+class CustomModelConfig(_Section):
+    name: Literal["custom"] = Field(
+        "custom",
+        description="Set implicitly when `target` is given: the user's own model (leave it out).",
+    )
+    target: Target = Field(
+        description="The user's own model: package.module:Name (importable) or "
+        "path/to/file.py:Name (relative to the config file's folder; imported by path, not via "
+        "sys.path). Name is a Flax NNX Module class, a factory returning one, or a flax.linen "
+        "Module class. It is called as model(x, train=..., rngs=...) and returns logits."
+    )
+    args: dict[str, Any] = Field(
+        default_factory=dict,
+        description="Keyword arguments for the target (e.g. input size and class count); "
+        "accelctl adds rngs=, and dtype=/param_dtype= when the callable accepts them.",
+    )
+
+    @model_validator(mode="after")
+    def _args_are_names(self) -> CustomModelConfig:
+        bad = [k for k in self.args if not (isinstance(k, str) and k.isidentifier())]
+        if bad:
+            raise ValueError(f"args keys must be parameter names; got {bad[0]!r}")
+        return self
+
+
 ModelConfig = Annotated[
-    MLPConfig | CNNConfig | ResNetConfig | TransformerConfig, Field(discriminator="name")
+    MLPConfig | CNNConfig | ResNetConfig | TransformerConfig | CustomModelConfig,
+    Field(discriminator="name"),
 ]
+
+# Built-in losses by name; anything else in train.loss is an import path to fn(logits, targets).
+LOSS_NAMES = ("cross_entropy", "mse")
+
+
+def _loss_name_or_target(value: str, info: ValidationInfo) -> str:
+    if value in LOSS_NAMES:
+        return value
+    if ":" not in value:
+        raise ValueError(
+            f"unknown loss {value!r}; choose {' or '.join(LOSS_NAMES)}, or give an import path "
+            "to your own fn(logits, targets) -> per-example loss (package.module:fn or "
+            "path/to/file.py:fn)"
+        )
+    return _import_target(value, info)
 
 
 # ------------------------------------------------------------------------------------- optimizer
@@ -297,8 +341,11 @@ class TrainConfig(_Section):
     eval_batch_size: Count | None = Field(
         None, description=f"Global eval batch size ({COUNT}); null = batch_size."
     )
-    loss: Literal["cross_entropy", "mse"] = Field(
-        "cross_entropy", description="cross_entropy on logits, or mse against one-hot labels."
+    loss: Annotated[str, Field(max_length=TEXT_MAX), AfterValidator(_loss_name_or_target)] = Field(
+        "cross_entropy",
+        description="cross_entropy on logits, mse against one-hot labels, or an import "
+        "path (package.module:fn or path/to/file.py:fn) to fn(logits, targets) -> "
+        "per-example loss; accuracy is then reported only for integer class targets.",
     )
     label_smoothing: Fraction = Field(
         0.0, description=f"Label smoothing for cross_entropy ({FRACTION})."
@@ -424,7 +471,9 @@ class OutputConfig(_Section):
 
 class Config(_Section):
     model: ModelConfig = Field(
-        default_factory=lambda: MLPConfig(name="mlp"), description="Model by registry name."
+        default_factory=lambda: MLPConfig(name="mlp"),
+        description="A built-in model by name (mlp, cnn, resnet, transformer), or the user's "
+        "own by import path (target + args).",
     )
     data: DataConfig = Field(
         default_factory=lambda: DigitsData(source="digits"), description="Data source."
@@ -440,6 +489,16 @@ class Config(_Section):
     output: OutputConfig = Field(default_factory=OutputConfig, description="Run directory.")
 
     _source: Source | None = PrivateAttr(default=None)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _own_model_has_no_name(cls, data: Any) -> Any:
+        # `model: {target: ..., args: ...}` needs no name: it selects CustomModelConfig.
+        if isinstance(data, dict) and isinstance(data.get("model"), dict):
+            model = data["model"]
+            if "target" in model and "name" not in model:
+                data = {**data, "model": {"name": "custom", **model}}
+        return data
 
     def error_at(self, path: Sequence[str | int], message: str) -> ConfigError:
         """Build a ConfigError for a runtime check, located like a validation error.

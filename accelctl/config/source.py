@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from pathlib import Path
 
 from accelctl.errors import UserError
 
@@ -21,6 +22,14 @@ class Source:
         self.values: dict[FieldPath, tuple[int, int]] = {}
         self.keys: dict[FieldPath, tuple[int, int]] = {}
         self.overrides: dict[FieldPath, str] = {}
+
+    @property
+    def base_dir(self) -> str:
+        """The folder relative paths in the config are resolved against: the config file's
+        own, or the working directory for text that came from no file (`<...>`, `--set`)."""
+        if self.filename.startswith(("<", "--set")):
+            return "."
+        return str(Path(self.filename).parent)
 
     def where(self, path: FieldPath, *, key: bool = False) -> str:
         for item_path, item in self.overrides.items():
