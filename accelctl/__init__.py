@@ -5,3 +5,12 @@ stays fast.
 """
 
 __version__ = "0.1.0"
+
+
+def __getattr__(name: str) -> object:
+    # `accelctl.train(config, ...)` (the Python API) without importing jax at `import accelctl`.
+    if name == "train":
+        import accelctl.train
+
+        return accelctl.train
+    raise AttributeError(f"module 'accelctl' has no attribute {name!r}")

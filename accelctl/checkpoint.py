@@ -66,8 +66,11 @@ def _quiet_closed_loop(previous: Callable[[Any], None]) -> Callable[[Any], None]
 def _ocp() -> Any:
     import orbax.checkpoint as ocp
 
-    # Orbax logs every save and restore at INFO/WARNING through absl; accelctl reports itself.
-    logging.getLogger("absl").setLevel(logging.ERROR)
+    # Orbax logs every save and restore through absl, and a failed background write as an
+    # ERROR with its traceback from each of its threads; accelctl reports failures itself, once.
+    logging.getLogger("absl").setLevel(logging.CRITICAL)
+    # ... and asyncio reports each of its failed futures again ("exception never retrieved").
+    logging.getLogger("asyncio").setLevel(logging.CRITICAL)
     if not getattr(sys.unraisablehook, "accelctl_quiet", False):
         sys.unraisablehook = _quiet_closed_loop(sys.unraisablehook)
     return ocp
@@ -136,6 +139,51 @@ def complete_steps(directory: Path) -> list[int]:
     return sorted(int(p.name) for p in directory.iterdir() if p.is_dir() and p.name.isdigit())
 
 
+def _leaf_fingerprint(x: Any) -> Any:
+    """Two uint32 words of a leaf's exact bits: their sum and a position-weighted sum (mod 2^32).
+
+    Integer sums are exact in any reduction order and on any sharding, so the same values give
+    the same words on save and on restore; one flipped bit always changes the plain sum.
+    """
+    import jax.numpy as jnp
+
+    if jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):
+        x = jax.random.key_data(x)
+    if x.dtype == jnp.bool_:
+        x = x.astype(jnp.uint8)
+    unsigned = {1: jnp.uint8, 2: jnp.uint16, 4: jnp.uint32, 8: jnp.uint64}[x.dtype.itemsize]
+    bits = jax.lax.bitcast_convert_type(x, unsigned).reshape(-1)
+    if bits.dtype == jnp.uint64:  # both halves count
+        bits = jnp.concatenate([bits.astype(jnp.uint32), (bits >> 32).astype(jnp.uint32)])
+    bits = bits.astype(jnp.uint32)
+    weights = jnp.arange(1, bits.size + 1, dtype=jnp.uint32)
+    return jnp.stack([jnp.sum(bits, dtype=jnp.uint32), jnp.sum(bits * weights, dtype=jnp.uint32)])
+
+
+@jax.jit
+def _fingerprint_arrays(tree: Any) -> Any:
+    return jax.tree.map(_leaf_fingerprint, tree)
+
+
+def fingerprints(tree: Any) -> dict[str, list[int]]:
+    """{leaf path: [sum, weighted sum]} of a pytree of arrays, computed on the devices (only
+    the words come to the host). Stored in each checkpoint's metadata and checked on restore,
+    so flipped bytes inside array data are found instead of training on damaged weights."""
+    host = jax.device_get(_fingerprint_arrays(tree))
+    flat = jax.tree_util.tree_flatten_with_path(host)[0]
+    return {_path_str(p): [int(v) for v in leaf] for p, leaf in flat}
+
+
+def _verify(restored: Any, meta: dict[str, Any]) -> None:
+    """Raise ValueError naming the first array whose bits differ from what was saved."""
+    saved = meta.get("fingerprints")
+    if not isinstance(saved, dict):
+        return  # written before fingerprints existed: nothing to compare
+    for path, words in fingerprints(restored).items():
+        if path in saved and saved[path] != words:
+            raise ValueError(f"the data of {path} differs from what was saved (checksum)")
+
+
 def _rank_metrics(eval_metrics: dict[str, Any]) -> dict[str, float]:
     return {"eval_loss": eval_metrics["loss"], "eval_accuracy": eval_metrics["accuracy"]}
 
@@ -193,6 +241,7 @@ class Checkpointer:
         if eval_metrics is not None:
             metrics = _rank_metrics(eval_metrics)
             self._track_best(step, metrics)
+        meta = {**meta, "fingerprints": fingerprints(state)}
         self._mngr.save(
             step,
             args=ocp.args.Composite(
@@ -263,9 +312,17 @@ def _nbytes(leaf: Any) -> int:
     return size * getattr(getattr(leaf, "dtype", None), "itemsize", 4)
 
 
+class DamagedCheckpoint(Exception):
+    """A checkpoint whose files do not hold what its own metadata says was saved."""
+
+
 def _check_structure(saved: Any, abstract_state: Any, where: Path, *, partial: bool) -> None:
-    """Raise IncompatibleCheckpoint listing arrays that are missing, extra or of another shape
-    (with `partial`, arrays the target does not ask for are not "extra")."""
+    """Raise DamagedCheckpoint listing arrays that are missing, extra or of another shape (with
+    `partial`, arrays the target does not ask for are not "extra").
+
+    Called after the checkpoint's recorded config was found compatible, so the same structure
+    is expected: a difference means missing or foreign files, and restore falls back.
+    """
     have, want = _shapes(saved), _shapes(abstract_state)
     if partial:
         have = {k: v for k, v in have.items() if k.split(".", 1)[0] in abstract_state}
@@ -278,10 +335,7 @@ def _check_structure(saved: Any, abstract_state: Any, where: Path, *, partial: b
     diffs += [f"{k}: missing from the checkpoint" for k in sorted(want.keys() - have.keys())]
     if diffs:
         shown = "; ".join(diffs[:8]) + (f"; ... ({len(diffs) - 8} more)" if len(diffs) > 8 else "")
-        raise IncompatibleCheckpoint(
-            f"checkpoint {where} does not fit the state this config builds: {shown}. Use the "
-            "config the checkpoint was written with."
-        )
+        raise DamagedCheckpoint(f"its arrays do not fit the state its config builds: {shown}")
 
 
 def _why(e: BaseException) -> str:
@@ -328,6 +382,7 @@ def restore(
     step: int | None = None,
     check_meta_fn: Callable[[dict[str, Any], Path], None] | None = None,
     partial: bool = False,
+    move_aside: bool = False,
 ) -> Restored:
     """Restore the newest readable checkpoint in `directory` (or exactly `step`).
 
@@ -339,6 +394,10 @@ def restore(
         step: restore this step only (no fallback).
         check_meta_fn: called with (meta, path) before the state is read; raises a UserError
             when the checkpoint must not be used (e.g. an incompatible config).
+        move_aside: rename the damaged checkpoints newer than the one restored to
+            `<step>.damaged-<time>` (kept for inspection): a resumed run that saves the same
+            step again must not collide with them. Only a run that continues does this;
+            evaluation never changes a checkpoints folder.
     Returns:
         Restored, with `notes` saying which checkpoints were skipped and why.
     Raises:
@@ -372,6 +431,7 @@ def restore(
         )
     else:
         state_args = ocp.args.StandardRestore(abstract_state)
+    damaged: list[Path] = []
     try:
         for s in reversed(steps):
             path = directory / str(s)
@@ -382,11 +442,15 @@ def restore(
                 saved = mngr.item_metadata(s)["state"]
                 _check_structure(saved, abstract_state, path, partial=partial)
                 state = mngr.restore(s, args=ocp.args.Composite(state=state_args)).state
+                _verify(state, meta)
             except UserError:
                 raise
             except Exception as e:  # noqa: BLE001 - any unreadable checkpoint falls back
                 notes.append(f"skipped {path}: unreadable ({_why(e)})")
+                damaged.append(path)
                 continue
+            if move_aside:
+                notes += _move_aside(damaged)
             return Restored(step=s, state=state, meta=meta, path=path, notes=notes)
     finally:
         mngr.close()
@@ -395,6 +459,25 @@ def restore(
         + "; ".join(notes)
         + ". Delete the damaged folders or start a fresh run."
     )
+
+
+def _move_aside(paths: list[Path]) -> list[str]:
+    """Rename damaged checkpoint folders out of the way (process 0 only); notes saying where."""
+    import datetime as dt
+
+    if jax.process_index() != 0:
+        return []
+    stamp = dt.datetime.now().strftime("%Y%m%d-%H%M%S")
+    notes = []
+    for path in paths:
+        target = path.with_name(f"{path.name}.damaged-{stamp}")
+        try:
+            path.rename(target)
+        except OSError as e:
+            notes.append(f"could not move {path} aside ({e.strerror or e})")
+            continue
+        notes.append(f"moved the damaged {path} aside to {target}")
+    return notes
 
 
 def find_checkpoint(path: Path) -> tuple[Path, int | None]:

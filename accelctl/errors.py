@@ -47,6 +47,16 @@ PARAMS = frozenset(
 )
 
 
+_display_names: dict[str, str] = {}
+
+
+def set_display_names(names: dict[str, str]) -> None:
+    """How `str(error)` spells parameters from now on (the CLI sets its flag names, so a message
+    printed outside its error handler, e.g. by the hang watchdog's thread, names flags too)."""
+    _display_names.clear()
+    _display_names.update(names)
+
+
 class AccelctlError(Exception):
     """Base of every error reported as a message (no traceback) with `exit_code`.
 
@@ -68,8 +78,10 @@ class AccelctlError(Exception):
         """The message with parameter names spelled by `names` (e.g. {"run_dir": "--run-dir"});
         parameters missing from `names` are spelled as in Python."""
 
+        names = _display_names if names is None else names
+
         def name(param: str) -> str:
-            return names.get(param, param) if names else param
+            return names.get(param, param)
 
         def sub(m: re.Match[str]) -> str:
             return name(m.group(1)) if m.group(1) in PARAMS else m.group(0)
@@ -136,3 +148,66 @@ class Preempted(RunStopped):
     def __init__(self, message: str, *, run_dir: Any, step: int, checkpoint: Any) -> None:
         super().__init__(message)
         self.run_dir, self.step, self.checkpoint = run_dir, step, checkpoint
+
+
+class OutputError(RunStopped):
+    """A file could not be written (disk full, a read-only or vanished folder, no permission):
+    the run stopped cleanly. Free space or fix the folder, then resume (exit 74, EX_IOERR)."""
+
+    exit_code = 74
+
+
+class OutOfMemory(RunStopped):
+    """The step (or the data) needs more memory than the device or host has; the message gives
+    the bytes needed and available and the ways out (exit 5)."""
+
+    exit_code = 5
+
+
+class Hung(RunStopped):
+    """No step finished within `train.hang_timeout`: every thread's stack was dumped and the
+    run stopped so a scheduler can restart it (exit 124, as `timeout(1)` reports)."""
+
+    exit_code = 124
+
+
+# OS errors that mean "this output cannot be written here", not a bug.
+OUTPUT_ERRNOS = frozenset(
+    {
+        "ENOSPC",
+        "EROFS",
+        "EACCES",
+        "EPERM",
+        "EDQUOT",
+        "EIO",
+        "ENOENT",
+        "ENOTDIR",
+        "EISDIR",
+        "ENAMETOOLONG",
+        "EFBIG",
+    }
+)
+
+
+def describe_output_failure(exc: BaseException) -> str | None:
+    """The OS's reason when `exc` (or one it wraps, e.g. orbax/tensorstore's RESOURCE_EXHAUSTED
+    with `os_error_code`) is a failure to write a file, else None."""
+    import errno
+    import os
+    import re
+
+    seen: set[int] = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        if isinstance(exc, OSError) and exc.errno is not None:
+            name = errno.errorcode.get(exc.errno, "")
+            if name in OUTPUT_ERRNOS:
+                where = f" ({exc.filename})" if exc.filename else ""
+                return f"{os.strerror(exc.errno)}{where}"
+        match = re.search(r"os_error_code='(\d+)'", str(exc))
+        if match and errno.errorcode.get(int(match.group(1)), "") in OUTPUT_ERRNOS:
+            file = re.search(r'local file "([^"]+)"', str(exc))
+            where = f" ({file.group(1)})" if file else ""
+            return f"{os.strerror(int(match.group(1)))}{where}"
+        exc = exc.__cause__ or exc.__context__  # type: ignore[assignment]
+    return None

@@ -126,7 +126,25 @@ class TensorBoardWriter:
     def close(self) -> None:
         if not self._closed:  # the loop and `train()` both close the writers
             self._closed = True
-            self._writer.close()
+            try:
+                self._writer.close()
+            except OSError:
+                self._abandon()
+                raise
+
+    def _abandon(self) -> None:
+        """After a failed close (disk full): stop tensorboardX's writer threads and mark its
+        files closed, so its exit handler does not fail on the same disk again."""
+        for fw in getattr(self._writer, "all_writers", {}).values():
+            ew = getattr(fw, "event_writer", None)
+            worker = getattr(ew, "_worker", None)
+            if worker is not None:
+                try:
+                    worker.stop()
+                except Exception:  # noqa: BLE001, S110 - best effort while already failing
+                    pass
+            if ew is not None:
+                ew._closed = True
 
 
 def _fmt(value: Any, spec: str = ".4f") -> str:

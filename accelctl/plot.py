@@ -62,12 +62,20 @@ def read_run(run_dir: Path, name: str | None = None) -> RunMetrics:
             "an `accelctl train` run?"
         )
     events: dict[str, list[dict[str, Any]]] = {"train": [], "eval": []}
-    for line in path.read_text(encoding="utf-8").splitlines():
+    try:
+        raw = path.read_bytes()
+    except OSError as e:
+        raise UserError(f"cannot read {path}: {e.strerror or e}") from None
+    for line in raw.splitlines():
         try:
-            event = json.loads(line)
-        except json.JSONDecodeError:
-            continue
-        if isinstance(event, dict) and event.get("event") in events and "step" in event:
+            event = json.loads(line.decode("utf-8"))
+        except (UnicodeDecodeError, ValueError):
+            continue  # a torn last line of a killed run, or damaged bytes
+        if (
+            isinstance(event, dict)
+            and event.get("event") in events
+            and _number(event.get("step")) is not None
+        ):
             events[event["event"]].append(event)
     if not events["train"]:
         raise UserError(
@@ -82,11 +90,23 @@ def _points(events: list[dict[str, Any]], key: str) -> tuple[list[int], list[flo
     steps: list[int] = []
     values: list[float] = []
     for event in events:
-        value = event.get(key)
-        if value is not None and not math.isnan(value):
+        value = _number(event.get(key))
+        if value is not None:
             steps.append(int(event["step"]))
-            values.append(float(value))
+            values.append(value)
     return steps, values
+
+
+def _number(value: Any) -> float | None:
+    """A finite real number as float, else None (a hand-edited or damaged log may hold text,
+    booleans, NaN or numbers too large for a float)."""
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return None
+    try:
+        value = float(value)
+    except OverflowError:
+        return None
+    return value if math.isfinite(value) and abs(value) < 1e300 else None
 
 
 def make_figure(runs: Sequence[RunMetrics]) -> Any:
@@ -122,6 +142,14 @@ def make_figure(runs: Sequence[RunMetrics]) -> Any:
     return fig
 
 
+def image_formats() -> list[str]:
+    """The file suffixes matplotlib's Agg canvas writes (png, pdf, svg, jpg with Pillow, ...)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    return sorted(FigureCanvasAgg(Figure()).get_supported_filetypes())
+
+
 def plot_runs(run_dirs: Sequence[Path], output: Path | None = None) -> dict[str, Any]:
     """Read runs' metrics.jsonl and write one figure comparing them.
 
@@ -144,21 +172,22 @@ def plot_runs(run_dirs: Sequence[Path], output: Path | None = None) -> dict[str,
         for d, n in zip(run_dirs, names, strict=True)
     ]
     out = Path(output) if output is not None else runs[0].path / DEFAULT_NAME
-    if not out.parent.is_dir():
-        raise UserError(
-            f"-o {out}: the folder {out.parent} does not exist; create it or choose another path"
-        )
-    fig = make_figure(runs)
-    formats = fig.canvas.get_supported_filetypes()
+    formats = image_formats()
     if out.suffix.lstrip(".").lower() not in formats:
         raise UserError(
-            f"-o {out}: unknown image format {out.suffix or '(no suffix)'}; use one of "
-            + ", ".join(f".{f}" for f in sorted(formats))
+            f"unknown image format {out.suffix or '(no suffix)'}; use one of "
+            + ", ".join(f".{f}" for f in formats),
+            param="output",
+            value=out,
         )
+    from accelctl.outputs import check_output_file
+
+    check_output_file(out, param="output")
+    fig = make_figure(runs)
     try:
         fig.savefig(out, dpi=100)
     except OSError as e:
-        raise UserError(f"-o {out}: cannot write the image ({e})") from None
+        raise UserError(f"cannot write the image ({e})", param="output", value=out) from None
     return {
         "path": str(out),
         "panels": len(fig.axes),

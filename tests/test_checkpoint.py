@@ -459,7 +459,7 @@ def test_resume_refuses_fewer_steps_than_the_checkpoint(ref, tmp_path):
 
 
 def test_resume_needs_a_checkpoint(tmp_path):
-    with pytest.raises(UserError, match="resume: .* holds no checkpoint to continue"):
+    with pytest.raises(UserError, match="resume: .* holds no run to continue"):
         train(_cfg(REF), run_dir=tmp_path / "new", quiet=True, resume=True)
     assert not (tmp_path / "new").exists()
     (tmp_path / "partial" / "checkpoints" / "4.orbax-checkpoint-tmp-9").mkdir(parents=True)
@@ -473,9 +473,12 @@ def test_a_fresh_run_never_overwrites_a_run_with_checkpoints(ref, tmp_path):
     with pytest.raises(UserError, match="already holds a run .*checkpoints"):
         train(_cfg(REF), run_dir=run_dir, quiet=True)
     assert {p: p.read_bytes() for p in run_dir.rglob("*") if p.is_file()} == before
-    (tmp_path / "only" / "checkpoints").mkdir(parents=True)  # even an empty checkpoints folder
+    (tmp_path / "only" / "checkpoints" / "4").mkdir(parents=True)  # even one checkpoint folder
     with pytest.raises(UserError, match=r"already holds a run \(checkpoints\)"):
         train(_cfg(REF), run_dir=tmp_path / "only", quiet=True)
+    # An empty checkpoints folder (e.g. a mount point made for them) holds nothing to lose.
+    (tmp_path / "empty" / "checkpoints").mkdir(parents=True)
+    assert train(_cfg(REF), run_dir=tmp_path / "empty", quiet=True)["status"] == "completed"
 
 
 # ---------------------------------------------------------------------------------------- on_nan

@@ -202,7 +202,7 @@ def test_eval_and_resume_input_errors(tiny_file, tmp_path):
     empty = tmp_path / "empty"
     assert_user_error(
         invoke("train", str(tiny_file), "--run-dir", str(empty), "--resume"),
-        "holds no checkpoint",
+        "holds no run to continue",
     )
     run_dir = tmp_path / "run"
     assert invoke("train", str(tiny_file), "--run-dir", str(run_dir), "-q").exit_code == 0

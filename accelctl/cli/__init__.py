@@ -60,4 +60,9 @@ app.add_typer(data_app, name="data")
 
 def main() -> None:
     """Console-script entry point."""
+    from accelctl.cli.common import FLAGS
+    from accelctl.errors import set_display_names
+
+    # Errors printed outside a command's handler (the hang watchdog's thread) name flags too.
+    set_display_names(FLAGS)
     app()

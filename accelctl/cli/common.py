@@ -22,8 +22,27 @@ FLAGS = {param: "--" + param.replace("_", "-") for param in PARAMS} | {
 }
 
 # Options every command spells the same way.
+def _check_json_out(value: str | None) -> str | None:
+    """Refuse an unwritable --json target before the command does its work."""
+    if value is not None and value != "-":
+        from accelctl.errors import UserError
+        from accelctl.outputs import check_output_file
+
+        try:
+            check_output_file(Path(value), param="json_out")
+        except UserError as e:
+            print(f"error: {e.render(FLAGS)}", file=sys.stderr)
+            raise typer.Exit(EXIT_USAGE) from None
+    return value
+
+
 JsonOut = Annotated[
-    str | None, typer.Option("--json", help="Also write the result as JSON to PATH ('-': stdout).")
+    str | None,
+    typer.Option(
+        "--json",
+        help="Also write the result as JSON to PATH ('-': stdout).",
+        callback=_check_json_out,
+    ),
 ]
 Debug = Annotated[bool, typer.Option("--debug", help="Show tracebacks for input errors too.")]
 SetOverrides = Annotated[
@@ -90,5 +109,11 @@ def write_json(result: Any, json_out: str | None) -> bool:
         sys.stdout.write(json.dumps(result, indent=2) + "\n")
         return True
     if json_out:
-        Path(json_out).write_text(json.dumps(result, indent=2) + "\n")
+        from accelctl.outputs import write_result
+
+        try:
+            write_result(Path(json_out), json.dumps(result, indent=2) + "\n", param="json_out")
+        except AccelctlError as e:
+            print(f"stopped: {e.render(FLAGS)}", file=sys.stderr)
+            raise typer.Exit(e.exit_code) from None
     return False

@@ -357,6 +357,18 @@ class TrainConfig(_Section):
         "count the skipped steps.",
     )
 
+    hang_timeout: (
+        Annotated[float, Field(gt=0, le=7 * 24 * 3600, allow_inf_nan=False)]
+        | Literal["auto", "off"]
+    ) = Field(
+        "auto",
+        description="Seconds without a finished step (or evaluation batch) after which the run "
+        "is taken to be hung: every thread's Python stack is written to stderr and to "
+        "<run dir>/hang-<time>.txt and the process exits with code 124, for a scheduler to "
+        "restart it. auto: max(10 x the median step time, 300); off: no watchdog; a number: "
+        "0 < x <= 604800.",
+    )
+
     @model_validator(mode="before")
     @classmethod
     def _epochs_or_steps(cls, data: Any) -> Any:

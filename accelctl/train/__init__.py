@@ -7,17 +7,26 @@ its hooks, write the summary.
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import json
+import os
 import sys
 import time
-from collections.abc import Callable
+import types
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 from accelctl.checkpoint import CHECKPOINT_DIR, complete_steps, incomplete_checkpoints
 from accelctl.config import Config
-from accelctl.errors import Preempted, UserError
+from accelctl.errors import (
+    AccelctlError,
+    OutputError,
+    Preempted,
+    UserError,
+    describe_output_failure,
+)
 
 _OUTPUTS = ("config.yaml", "metrics.jsonl", "summary.json", CHECKPOINT_DIR)
 
@@ -28,8 +37,35 @@ def default_run_dir(cfg: Config, config_name: str) -> Path:
     return Path(cfg.output.root) / f"{cfg.output.name or config_name}-{stamp}"
 
 
+def _check_run_dir_path(run_dir: Path) -> None:
+    """A run directory must be a folder the OS accepts and this process can create or write,
+    and must not lie inside another run's checkpoints/ (where `eval --checkpoint` of that run
+    would take it for a checkpoint)."""
+    from accelctl.outputs import check_output_dir
+
+    check_output_dir(run_dir, param="run_dir")
+    for parent in Path(os.path.abspath(run_dir)).parents:
+        if parent.name == CHECKPOINT_DIR and (parent.parent / "config.yaml").is_file():
+            raise UserError(
+                f"lies inside the checkpoints folder of the run in {parent.parent}; choose a "
+                "folder outside it",
+                param="run_dir",
+                value=run_dir,
+            )
+
+
 def _check_run_dir(run_dir: Path) -> None:
-    existing = [name for name in _OUTPUTS if (run_dir / name).exists()]
+    # An empty checkpoints/ folder (e.g. a mount point prepared for them) holds no run yet.
+    existing = [
+        name
+        for name in _OUTPUTS
+        if (run_dir / name).exists()
+        and not (
+            name == CHECKPOINT_DIR
+            and (run_dir / name).is_dir()
+            and not any((run_dir / name).iterdir())
+        )
+    ]
     if existing:
         raise UserError(
             f"already holds a run ({', '.join(existing)}); nothing was overwritten. Continue it "
@@ -56,17 +92,20 @@ def _stderr(message: str) -> None:
     print(f"accelctl: {message}", file=sys.stderr, flush=True)
 
 
-def _wants_resume(cfg: Config, run_dir: Path, resume: bool) -> bool:
+def _wants_resume(cfg: Config, run_dir: Path, resume: bool) -> tuple[bool, bool]:
+    """(resume from a checkpoint, restart a run that stopped before its first checkpoint)."""
     ckpt_dir = run_dir / CHECKPOINT_DIR
     found = bool(complete_steps(ckpt_dir) or incomplete_checkpoints(ckpt_dir))
     if resume and not found:
+        if (run_dir / "config.yaml").is_file() and not (run_dir / "summary.json").exists():
+            return False, True  # killed before its first checkpoint: it starts again at step 0
         raise UserError(
-            f"{run_dir} holds no checkpoint to continue ({ckpt_dir} is missing or empty); leave "
-            "out {resume} to start a fresh run there, or name the run directory that has them",
+            f"{run_dir} holds no run to continue (no checkpoints, no config.yaml); leave out "
+            "{resume} to start a fresh run there, or name the run directory that has them",
             param="resume",
             value="",
         )
-    return resume or (cfg.checkpoint.resume == "auto" and found)
+    return resume or (cfg.checkpoint.resume == "auto" and found), False
 
 
 def _restore(job: Any, run_dir: Path, log_fn: Callable[[str], None]) -> tuple[Any, int, dict]:
@@ -83,7 +122,9 @@ def _restore(job: Any, run_dir: Path, log_fn: Callable[[str], None]) -> tuple[An
     def check(meta: dict[str, Any], path: Path) -> None:
         changes[:] = check_resumable(job.cfg, job.sizes.steps_per_epoch, meta, path)
 
-    restored = checkpoint.restore(run_dir / CHECKPOINT_DIR, job.state.abstract, check_meta_fn=check)
+    restored = checkpoint.restore(
+        run_dir / CHECKPOINT_DIR, job.state.abstract, check_meta_fn=check, move_aside=True
+    )
     start, total = restored.step, job.sizes.total_steps
     for note in restored.notes:
         log_fn(note)
@@ -165,24 +206,39 @@ def fit(job: Any, state: Any = None, writer: Any = None) -> dict[str, Any]:
 
 
 def train(
-    cfg: Config,
+    config: Config | str | Path,
+    overrides: Sequence[str] = (),
     *,
-    run_dir: Path,
-    quiet: bool = False,
-    description: str = "train",
+    run_dir: Path | str | None = None,
     resume: bool = False,
+    quiet: bool = False,
+    model: Any = None,
+    data: Any = None,
+    description: str | None = None,
     log_fn: Callable[[str], None] = _stderr,
 ) -> dict[str, Any]:
     """Run a whole training job (or continue one) and write its run directory.
 
+    The command line (`accelctl train`) calls this function; so can a notebook:
+
+        import accelctl
+        summary = accelctl.train("config.yaml", ["train.steps=200"], model=MyModel, data=load)
+
     Args:
-        cfg: validated config.
+        config: a validated Config, a YAML file, or a built-in config's name.
+        overrides: `KEY=VALUE` strings applied to a file or name, validated like it.
         run_dir: where config.yaml, metrics.jsonl, tensorboard/, summary.json and checkpoints/
-            go. A fresh run needs it free of a previous run; a resumed one continues the run there.
-        quiet: no progress output.
-        description: progress-bar label.
+            go (default `<output.root>/<name>-<timestamp>/`). A fresh run needs it free of a
+            previous run; a resumed one continues the run there.
         resume: continue from the newest good checkpoint in run_dir (also with
             `checkpoint.resume: auto` when one exists).
+        quiet: no progress output.
+        model: the user's model itself instead of `model.target`: an NNX Module class, a factory
+            returning one, or a flax.linen Module class, built with `model.args` (when the config
+            has them) plus rngs= (see accelctl/models/custom.py for the call contract).
+        data: the user's data itself instead of `data.target`: a loader called with
+            `data.args`, or what a loader returns ({"train": ..., "eval": ...}).
+        description: progress-bar label (default: the config's name).
         log_fn: receives one-line notices (resume, fallbacks, allowed config changes).
     Returns:
         The summary (also written to run_dir/summary.json).
@@ -190,6 +246,63 @@ def train(
         UserError: bad input or an unusable checkpoint (exit 2); NonFiniteLoss (exit 3);
             Preempted after a signal, once the checkpoint is written (exit 75).
     """
+    from accelctl import config as config_mod
+
+    name = "config"
+    if not isinstance(config, Config):
+        name = Path(str(config)).stem
+        config = config_mod.load(config, overrides)
+    elif overrides:
+        raise UserError("overrides apply to a config file or name; got a Config object")
+    cfg = _with_objects(config, model, data)
+    run_dir = Path(run_dir) if run_dir is not None else default_run_dir(cfg, name)
+    return _train(
+        cfg,
+        run_dir,
+        resume=resume,
+        quiet=quiet,
+        objects={k: v for k, v in (("model", model), ("data", data)) if v is not None},
+        description=description or name,
+        log_fn=log_fn,
+    )
+
+
+def _with_objects(cfg: Config, model: Any, data: Any) -> Config:
+    """The config that records objects passed in place of import paths (by their qualified
+    names, so the run directory says what was trained)."""
+    from accelctl import config as config_mod
+
+    updates: dict[str, Any] = {}
+    if model is not None:
+        args = cfg.model.args if cfg.model.name == "custom" else {}
+        updates["model"] = {"target": _qualname(model), "args": dict(args)}
+    if data is not None:
+        current = cfg.to_dict()["data"]
+        args = current.get("args", {}) if current.get("source") == "python" else {}
+        updates["data"] = {"source": "python", "target": _qualname(data), "args": args}
+    return config_mod.replace(cfg, updates, merge=False) if updates else cfg
+
+
+def _qualname(obj: Any) -> str:
+    """`module:Qualified.Name` of a class or function (the type's, for other objects)."""
+    target = obj if hasattr(obj, "__qualname__") else type(obj)
+    module = getattr(target, "__module__", None) or "__main__"
+    name = target.__qualname__.replace(".<locals>.", ".").replace("<lambda>", "lambda_")
+    name = ".".join(p if p.isidentifier() else "obj" for p in name.split("."))
+    return f"{module}:{name}"
+
+
+def _train(
+    cfg: Config,
+    run_dir: Path,
+    *,
+    resume: bool,
+    quiet: bool,
+    objects: dict[str, Any],
+    description: str,
+    log_fn: Callable[[str], None],
+) -> dict[str, Any]:
+    """`train` for a resolved config and run directory (see there)."""
     import jax
 
     from accelctl.train.hooks import add_standard_hooks
@@ -197,27 +310,47 @@ def train(
     from accelctl.train.loop import Loop
     from accelctl.train.preempt import PreemptionGuard
     from accelctl.train.summary import process_age_s, summarize
+    from accelctl.train.watchdog import Watchdog
 
     startup_s, t0 = process_age_s(), time.perf_counter()
-    resuming = _wants_resume(cfg, run_dir, resume)
-    if not resuming:
+    _check_run_dir_path(run_dir)
+    resuming, restart = _wants_resume(cfg, run_dir, resume)
+    if not resuming and not restart:
         _check_run_dir(run_dir)
-    job = build_job(cfg)  # config/data errors surface before anything is written
+    job = build_job(cfg, **objects)  # config/data errors surface before anything is written
     state, start, resume_event = (
         _restore(job, run_dir, log_fn) if resuming else (job.state.init(), 0, None)
     )
+    if restart:
+        log_fn(
+            f"{run_dir} holds no checkpoint yet (the run stopped before its first one): "
+            "starting it again from step 0"
+        )
+        resume_event = {
+            "event": "resume",
+            "step": 0,
+            "checkpoint": None,
+            "notes": [],
+            "changes": [],
+        }
     if resume_event and start == job.sizes.total_steps and (run_dir / "summary.json").exists():
         log_fn("the run is already complete; nothing to do")
         return json.loads((run_dir / "summary.json").read_text())
     setup_s = time.perf_counter() - t0
-    writer = _open_writers(cfg, run_dir, resume_event, quiet=quiet)
+    with _stop_on_output_errors(run_dir):
+        writer = _open_writers(cfg, run_dir, resume_event, quiet=quiet)
     ckpt = _checkpointer(job, run_dir)
     loop = Loop(job, state, writer, start_step=start, description=description)
-    try:
-        with PreemptionGuard() as guard:
-            add_standard_hooks(loop, checkpointer=ckpt, guard=guard)
-            loop.run()
-    finally:
+    dump_dir = run_dir if jax.process_index() == 0 else None
+    with _stop_on_output_errors(run_dir):
+        try:
+            with PreemptionGuard() as guard, Watchdog(cfg.train.hang_timeout, dump_dir) as dog:
+                loop.watchdog = dog
+                add_standard_hooks(loop, checkpointer=ckpt, guard=guard)
+                loop.run()
+        except BaseException:
+            _close_quietly(writer, ckpt)  # the first error is the one to report
+            raise
         writer.close()
         if ckpt is not None:
             ckpt.close()  # pending async writes complete before the process goes on or exits
@@ -229,8 +362,52 @@ def train(
     if loop.stop:
         raise _preempted(loop, summary["checkpoint"], run_dir)
     if jax.process_index() == 0:
-        (run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+        with _stop_on_output_errors(run_dir):
+            _write_atomically(run_dir / "summary.json", json.dumps(summary, indent=2) + "\n")
     return summary
+
+
+def _write_atomically(path: Path, text: str) -> None:
+    """Write a file through a temporary one in the same folder: readers never see half of it."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def _close_quietly(writer: Any, ckpt: Any) -> None:
+    """Close the writers and the checkpointer (joining their threads) while another error is
+    on its way out; their own errors (e.g. the same full disk again) are not reported twice."""
+    for close in (writer.close, ckpt.close if ckpt is not None else None):
+        if close is None:
+            continue
+        try:
+            close()
+        except Exception:  # noqa: BLE001, S110 - the error being raised says what went wrong
+            pass
+
+
+@contextlib.contextmanager
+def _stop_on_output_errors(run_dir: Path) -> Iterator[None]:
+    """Turn a failure to write into the run directory (disk full, read-only, removed) into one
+    OutputError naming the path and the last complete checkpoint (exit 74)."""
+    try:
+        yield
+    except AccelctlError:
+        raise
+    except Exception as e:
+        reason = describe_output_failure(e)
+        if reason is None:
+            raise
+        steps = complete_steps(run_dir / CHECKPOINT_DIR)
+        last = (
+            f"The last complete checkpoint is {run_dir / CHECKPOINT_DIR / str(steps[-1])} "
+            f"(step {steps[-1]}): free space or fix the folder, then continue with {{resume}}."
+            if steps
+            else "No checkpoint was completed; free space or fix the folder and start again."
+        )
+        raise OutputError(
+            f"could not write into the run directory {run_dir}: {reason}. Training stopped. {last}"
+        ) from None
 
 
 def _checkpointer(job: Any, run_dir: Path) -> Any:
@@ -275,3 +452,14 @@ def _preempted(loop: Any, checkpoint: str | None, run_dir: Path) -> Preempted:
         step=loop.done,
         checkpoint=checkpoint,
     )
+
+
+class _CallableModule(types.ModuleType):
+    """`accelctl.train(...)` calls `train`: the package attribute is this module (Python binds a
+    subpackage to its parent's attribute on import), so the module itself is made callable."""
+
+    def __call__(self, *args: Any, **kwargs: Any) -> dict[str, Any]:
+        return train(*args, **kwargs)
+
+
+sys.modules[__name__].__class__ = _CallableModule

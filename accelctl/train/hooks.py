@@ -43,9 +43,13 @@ def eval_hook(loop: Loop) -> None:
     # Evaluation needs this state anyway; waiting for it here keeps the queued train steps out
     # of the eval time that is subtracted from the throughput.
     jax.block_until_ready(loop.state)
-    with loop.timings.timed("eval"):
+    dog = loop.watchdog
+    # The first evaluation compiles its step, which may take long: not a hang.
+    first = "eval_step" not in loop.job.steps.traces
+    with loop.timings.timed("eval"), _paused(dog if first else None):
         loop.flush()  # the train interval before this evaluation is written first
-        metrics = evaluate(loop.job, loop.state.params, loop.state.model_state)
+        beat = dog.beat if dog is not None else None
+        metrics = evaluate(loop.job, loop.state.params, loop.state.model_state, beat=beat)
         sums = metrics.pop("_sums")
         if loop.job.steps.plateau is not None:
             loop.state = loop.job.steps.plateau(loop.state, sums)
@@ -99,7 +103,8 @@ def checkpoint_hook(checkpointer: Checkpointer) -> Any:
 
     def save(loop: Loop) -> None:
         jax.block_until_ready(loop.state)
-        with loop.timings.timed("checkpoint"):
+        # Writing a large checkpoint may legitimately take long: not a hang.
+        with loop.timings.timed("checkpoint"), _paused(loop.watchdog):
             # Flush the metrics up to here first: a run killed after this checkpoint has them
             # all on disk, and its resumed run logs the rest.
             loop.flush()
@@ -139,3 +144,10 @@ def add_standard_hooks(
 def _progress(loop: Loop) -> None:
     """Move the progress bar to the steps dispatched so far (metrics follow one interval late)."""
     loop.writer.progress(loop.done)
+
+
+def _paused(watchdog: Any) -> Any:
+    """The watchdog's pause() (a phase allowed to take long), or nothing without one."""
+    import contextlib
+
+    return watchdog.pause() if watchdog is not None else contextlib.nullcontext()

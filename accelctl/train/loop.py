@@ -93,7 +93,9 @@ class Interval:
     seconds: float
 
 
-def evaluate(job: Job, params: Any, model_state: Any) -> dict[str, float]:
+def evaluate(
+    job: Job, params: Any, model_state: Any, *, beat: Callable[[], None] | None = None
+) -> dict[str, float]:
     """Run the eval split through the eval step: it reads only the parameters and the model
     state (a checkpoint evaluated alone restores nothing else).
 
@@ -105,6 +107,8 @@ def evaluate(job: Job, params: Any, model_state: Any) -> dict[str, float]:
     with job.feed.eval_inputs(job.sizes.eval_batch) as batches:
         for batch in batches:
             sums = steps.eval(params, model_state, batch, sums)
+            if beat is not None:
+                beat()
     host = jax.device_get(sums)
     count = max(float(host["count"]), 1.0)
     return {
@@ -136,6 +140,7 @@ class Loop:
     last_eval_step: int = -1
     description: str = "train"
     last_checkpoint: int | None = None  # step of the last checkpoint written (the hook sets it)
+    watchdog: Any = None  # train.watchdog.Watchdog: told of every step, or None
     checkpoint_path_fn: Callable[[int], Any] | None = None
     # Throughput clock: starts after the first step (its compile and first dispatch excluded).
     steady_t0: float | None = None
@@ -209,6 +214,7 @@ class Loop:
         """Train to the last step (or until a hook sets `stop`); returns self with the results."""
         job, total = self.job, self.total
         train_step, hooks = job.steps.train, self.hooks
+        beat = self.watchdog.beat if self.watchdog is not None else None
         in_flight: deque[Any] = deque()
         self.done = self.start_step
         self.writer.start(total, self.description)
@@ -223,6 +229,8 @@ class Loop:
                 self.state, out = train_step(self.state, next(batches))
                 self.done = done = step + 1
                 bound_in_flight(in_flight, out)
+                if beat is not None:
+                    beat()
                 if self.steady_t0 is None:
                     # One sync after the first step: throughput is measured from here on.
                     jax.block_until_ready(self.state.step)

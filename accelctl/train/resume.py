@@ -98,23 +98,31 @@ def check_resumable(
 
 
 def truncate_metrics(path: Path, step: int) -> int:
-    """Drop metric events after `step` (and a torn last line) from a metrics.jsonl, atomically.
+    """Drop metric events after `step` (and torn or damaged lines) from a metrics.jsonl,
+    atomically.
 
-    The resumed run logs those steps again, identically, so nothing is lost.
+    The resumed run logs those steps again, identically, so nothing is lost. A metrics.jsonl
+    that is not a file of text lines (a folder, binary garbage) is moved aside to
+    `metrics.jsonl.damaged-<time>` and the log starts again: a damaged log never stops a resume.
 
     Returns:
         The number of lines dropped.
     """
-    if not path.exists():
+    if not path.exists() and not path.is_symlink():
+        return 0
+    if not path.is_file():
+        _move_aside(path)
         return 0
     kept, dropped = [], 0
-    for line in path.read_text(encoding="utf-8").splitlines():
+    for raw in path.read_bytes().splitlines():
         try:
+            line = raw.decode("utf-8")
             event = json.loads(line)
-        except json.JSONDecodeError:
-            dropped += 1  # torn write of a killed process
+            late = isinstance(event, dict) and int(event.get("step", 0)) > step
+        except (UnicodeDecodeError, ValueError, TypeError, OverflowError):
+            dropped += 1  # torn write of a killed process, or damaged bytes
             continue
-        if isinstance(event, dict) and int(event.get("step", 0)) > step:
+        if late or not isinstance(event, dict):
             dropped += 1
             continue
         kept.append(line)
@@ -123,3 +131,11 @@ def truncate_metrics(path: Path, step: int) -> int:
         tmp.write_text("".join(f"{line}\n" for line in kept), encoding="utf-8")
         os.replace(tmp, path)
     return dropped
+
+
+def _move_aside(path: Path) -> Path:
+    import datetime as dt
+
+    target = path.with_name(f"{path.name}.damaged-{dt.datetime.now():%Y%m%d-%H%M%S}")
+    os.replace(path, target)
+    return target
