@@ -6,9 +6,14 @@ order and in one process:
   caches cleared, the executable loaded from that folder);
 - the bare jitted step on one device-resident batch: per-step times with `block_until_ready`
   before the clock stops (median, p90), and the pipelined rate of many steps with one sync;
-- FLOPs per step from XLA's cost analysis, achieved FLOP/s and MFU against `devices.peak_flops`
-  (None where no peak is known, e.g. on CPU);
-- device memory from the compiled step's memory analysis;
+- FLOPs per step from XLA's cost analysis (`flops_per_step`, what the compiled program runs,
+  recomputation included) and, for the transformer, the analytic model FLOPs
+  (`model_flops_per_step`: 6 N tokens + causal attention, as PaLM and MaxText count them; see
+  `models.transformer.training_flops`); achieved FLOP/s, and MFU against `devices.peak_flops`
+  from the model FLOPs where there are some and XLA's otherwise (`mfu_flops` says which; None
+  where no peak is known, e.g. on CPU);
+- device memory from the compiled step's memory analysis (`plan.compiled_memory`), and which
+  attention kernel the compiled step uses (cuDNN's fused one or XLA's);
 - host-to-device bandwidth of the workload's batch;
 - the real training loop (prefetch thread, host-fed batches) over the same number of steps:
   its samples/s, input-wait fraction, and its throughput relative to the bare step.
@@ -29,6 +34,7 @@ import numpy as np
 from accelctl import config as config_mod
 from accelctl.config import Config
 from accelctl.errors import UserError
+from accelctl.plan import compiled_memory, find_max_batch
 
 SCHEMA = "accelctl.bench/1"
 LOOP_SECONDS = 2.0
@@ -170,30 +176,15 @@ def _h2d(job: Any, host_batch: dict[str, np.ndarray], repeats: int = 10) -> dict
 
 
 def _memory(compiled: Any, device: Any) -> dict[str, int | None]:
-    from accelctl.devices import memory_limit
-
-    ma = compiled.memory_analysis()
-    total = (
-        ma.argument_size_in_bytes
-        + ma.output_size_in_bytes
-        - ma.alias_size_in_bytes
-        + ma.temp_size_in_bytes
-        + ma.generated_code_size_in_bytes
-    )
-    return {
-        "argument_bytes": int(ma.argument_size_in_bytes),
-        "output_bytes": int(ma.output_size_in_bytes),
-        "alias_bytes": int(ma.alias_size_in_bytes),
-        "temp_bytes": int(ma.temp_size_in_bytes),
-        "total_bytes": int(total),
-        "device_limit_bytes": memory_limit(device),
-    }
+    """The compiled step's memory per device, read as `accelctl plan` reads it."""
+    return compiled_memory(compiled, device)
 
 
 def bench_workload(name: str, cfg: Config, *, steps: int, warmup: int) -> dict[str, Any]:
     """Measure one workload (see the module docstring). Returns one result row of the schema."""
     from accelctl import data
     from accelctl.devices import peak_flops
+    from accelctl.plan import attention_kernel, model_flops
     from accelctl.train import fit
     from accelctl.train.job import build_job
 
@@ -212,6 +203,10 @@ def bench_workload(name: str, cfg: Config, *, steps: int, warmup: int) -> dict[s
     per_device = float((job.steps.train.cost_analysis() or {}).get("flops", 0.0))
     flops = per_device * devices  # the partitioned program's count, times its copies
     flops_per_s = flops / bare["median"] if flops else None
+    analytic = model_flops(cfg, job.dataset, batch_size)
+    # MFU counts the model's FLOPs where they are known (recomputation under remat and XLA's
+    # element-wise work are not useful FLOPs), XLA's count otherwise.
+    mfu_flops = analytic or flops
     peak = peak_flops(device.device_kind, cfg.precision.compute)
     h2d = _h2d(job, host_batch)
 
@@ -242,11 +237,17 @@ def bench_workload(name: str, cfg: Config, *, steps: int, warmup: int) -> dict[s
         "samples_per_s": batch_size / bare["median"],
         # Language models: positions predicted per second (samples/s x sequence length).
         "tokens_per_s": batch_size * tokens / bare["median"] if tokens else None,
+        "tokens_per_s_per_device": batch_size * tokens / bare["median"] / devices
+        if tokens
+        else None,
         "pipelined_samples_per_s": bare_rate,
         "flops_per_step": flops or None,
+        "model_flops_per_step": analytic,
         "flops_per_s": flops_per_s,
         "peak_flops_per_s": peak * devices if peak else None,
-        "mfu": flops_per_s / (peak * devices) if (peak and flops_per_s) else None,
+        "mfu": mfu_flops / bare["median"] / (peak * devices) if (peak and mfu_flops) else None,
+        "mfu_flops": ("model" if analytic else "xla") if mfu_flops else None,
+        "attention_kernel": attention_kernel(job.steps.train, cfg),
         "memory": _memory(job.steps.train, device),
         "h2d": h2d,
         "loop": {
@@ -258,95 +259,10 @@ def bench_workload(name: str, cfg: Config, *, steps: int, warmup: int) -> dict[s
     }
 
 
-def _fits(job: Any, batch: int, limit: int) -> tuple[bool, int]:
-    """Compile the train step for `batch` from abstract shapes; (fits, bytes per device)."""
-    from accelctl.train.feed import abstract_batch
-
-    feed = abstract_batch(job.dataset, job.mesh, (batch,))
-    compiled = job.steps.train_jit.lower(job.state.abstract, feed).compile()
-    need = _memory(compiled, None)["total_bytes"] or 0
-    return need <= limit, int(need)
-
-
-def find_max_batch(
-    cfg: Config, *, memory_limit: int | None = None, max_batch: int = 1 << 20
-) -> dict[str, Any]:
-    """The largest global batch whose train step fits each device's memory.
-
-    Every probe compiles the step ahead of time for abstract inputs and reads the compiled
-    memory analysis: nothing is allocated and no out-of-memory error is provoked. The batch
-    doubles (in multiples of the data-axis size) until it no longer fits, then a binary
-    search finds the largest that does.
-
-    Args:
-        cfg: the workload (its batch size is ignored: the search starts at the data-axis
-            size).
-        memory_limit: bytes per device; default: the device's own limit (GPU/TPU).
-        max_batch: stop doubling here.
-    Returns:
-        {"max_batch_size", "bytes_per_device", "memory_limit_bytes", "probes": [{batch, bytes,
-        fits}]}.
-    Raises:
-        UserError: no limit known (CPU) and none given; not even the smallest batch fits.
-    """
-    from accelctl.devices import memory_limit as device_limit
-    from accelctl.train.job import build_job
-
-    # Host-fed: the probes lower the step for plain (batch, ...) inputs, and the search is about
-    # the step's own memory (a device-cached split would add its size at every batch).
-    job = build_job(config_mod.replace(cfg, {"data.cache": "host"}), compile_train=False)
-    unit = job.mesh.shape["data"]
-    limit = memory_limit if memory_limit is not None else device_limit(job.mesh.devices.flat[0])
-    if limit is None:
-        raise UserError(
-            "this device reports no memory limit (the CPU backend never does); give one with "
-            "{memory_limit} BYTES (e.g. 8e9)",
-            param="find_max_batch",
-            value="",
-        )
-    probes: list[dict[str, Any]] = []
-
-    def probe(batch: int) -> bool:
-        ok, need = _fits(job, batch, limit)
-        probes.append({"batch_size": batch, "bytes": need, "fits": ok})
-        return ok
-
-    lo, hi = 0, None  # lo fits (0 = none yet), hi does not
-    batch = unit
-    while batch <= max_batch:
-        if probe(batch):
-            lo, batch = batch, batch * 2
-        else:
-            hi = batch
-            break
-    if lo == 0:
-        raise UserError(
-            f"even a batch of {unit} needs {probes[0]['bytes']:,} bytes per device, more than "
-            f"the {limit:,} available",
-            param="find_max_batch",
-            value="",
-        )
-    if hi is not None:
-        while hi - lo > unit:
-            mid = (lo + hi) // 2 // unit * unit
-            if probe(mid):
-                lo = mid
-            else:
-                hi = mid
-    best = next(p for p in probes if p["batch_size"] == lo)
-    return {
-        "max_batch_size": lo,
-        "bytes_per_device": best["bytes"],
-        "memory_limit_bytes": limit,
-        "data_axis": unit,
-        "probes": probes,
-    }
-
-
 def find_max_batches(
     workloads: list[Workload], *, memory_limit: int | None = None
 ) -> dict[str, Any]:
-    """`find_max_batch` for every (name, config) workload (`bench --find-max-batch`)."""
+    """`plan.find_max_batch` for every (name, config) workload (`bench --find-max-batch`)."""
     results = []
     for name, cfg in workloads:
         results.append({"workload": name, **find_max_batch(cfg, memory_limit=memory_limit)})

@@ -1,5 +1,6 @@
 """Devices: discovery (in a child process, or in this one), the host CPU device count, memory
-limits, and the peak FLOP/s table per device kind. The `accelctl env` report is in envreport.py.
+limits, and the peak FLOP/s and memory bandwidth tables per device kind. The `accelctl env`
+report is in envreport.py.
 """
 
 from __future__ import annotations
@@ -65,12 +66,17 @@ def set_cpu_devices(n: int) -> None:
 # Dense peak FLOP/s per device (no structured sparsity), from the vendors' datasheets. "fp32"
 # is the TF32 tensor-core rate on NVIDIA GPUs from Ampere on, because XLA's default matmul
 # precision lets float32 matmuls use TF32 there; V100 has no TF32 (plain FP32). Matched in
-# order, by substring of `device.device_kind`, case-insensitive.
+# order, by substring of `device.device_kind`, case-insensitive. JAX's device_kind on NVIDIA GPUs
+# is CUDA's device name, e.g. "NVIDIA H100 80GB HBM3" (SXM), "NVIDIA H100 PCIe", "NVIDIA H100
+# NVL", "NVIDIA H200" (SXM), "NVIDIA H200 NVL", "NVIDIA A100-SXM4-80GB", "NVIDIA A100 80GB PCIe".
+_HOPPER_SXM = {"bf16": 989.4e12, "fp16": 989.4e12, "fp32": 494.7e12}
 PEAK_FLOPS: tuple[tuple[str, dict[str, float]], ...] = (
     ("h100 pcie", {"bf16": 756e12, "fp16": 756e12, "fp32": 378e12}),
     ("h100 nvl", {"bf16": 835.5e12, "fp16": 835.5e12, "fp32": 417.5e12}),
-    ("h100", {"bf16": 989.4e12, "fp16": 989.4e12, "fp32": 494.7e12}),  # SXM (HBM3)
-    ("h200", {"bf16": 989.4e12, "fp16": 989.4e12, "fp32": 494.7e12}),
+    ("h100", _HOPPER_SXM),  # SXM (HBM3)
+    ("h200 nvl", {}),  # the PCIe H200 runs at a lower clock: no datasheet number recorded here
+    ("gh200", _HOPPER_SXM),  # Grace Hopper: the SXM H100/H200 chip
+    ("h200", _HOPPER_SXM),  # SXM: the H100 SXM's chip with HBM3e
     ("a100", {"bf16": 312e12, "fp16": 312e12, "fp32": 156e12}),
     ("l40s", {"bf16": 362.05e12, "fp16": 362.05e12, "fp32": 183e12}),
     ("l40", {}),  # L40 (not S): no number recorded here
@@ -87,6 +93,38 @@ PEAK_FLOPS: tuple[tuple[str, dict[str, float]], ...] = (
 )
 
 
+# Peak memory (HBM / GDDR) bandwidth per device in bytes/s, from the vendors' datasheets; None
+# where the device_kind string does not tell variants with different numbers apart. Matched in
+# order, by substring of `device.device_kind`, case-insensitive; a kind matching nothing is
+# unknown too (every CPU).
+MEMORY_BANDWIDTH: tuple[tuple[str, float | None], ...] = (
+    ("h100 pcie", 2.0e12),
+    ("h100 nvl", 3.9e12),
+    ("h100 80gb hbm3", 3.35e12),  # SXM5
+    ("gh200", None),  # 96 GB HBM3 (4.0 TB/s) or 144 GB HBM3e (4.9 TB/s): not in the name
+    ("h100", None),  # other H100 variants
+    ("h200", 4.8e12),  # SXM and NVL alike
+    ("a100-sxm4-80gb", 2.039e12),
+    ("a100 80gb pcie", 1.935e12),
+    ("a100-sxm4-40gb", 1.555e12),
+    ("a100-pcie-40gb", 1.555e12),
+    ("a100", None),  # other A100 variants
+    ("l40s", 864e9),
+    ("l40", 864e9),
+    ("l4", 300e9),
+    ("a10g", None),  # AWS's A10G differs from the A10: no number recorded here
+    ("a10", 600e9),
+    ("v100s", 1134e9),
+    ("v100", 900e9),  # SXM2 and PCIe, 16 and 32 GB
+    ("tpu v4", 1.2e12),
+    ("tpu v5 lite", 819e9),
+    ("tpu v5e", 819e9),
+    ("tpu v5p", 2.765e12),
+    ("tpu v5", 2.765e12),  # v5p reports itself as "TPU v5"
+    ("tpu v6", 1.64e12),
+)
+
+
 def peak_flops(device_kind: str, dtype: str) -> float | None:
     """Dense peak FLOP/s of one device of `device_kind` in `dtype`, or None when unknown
     (every CPU: there is no honest single number for it)."""
@@ -94,6 +132,15 @@ def peak_flops(device_kind: str, dtype: str) -> float | None:
     for pattern, peaks in PEAK_FLOPS:
         if pattern in kind:
             return peaks.get(dtype)
+    return None
+
+
+def memory_bandwidth(device_kind: str) -> float | None:
+    """Peak memory bandwidth of one device of `device_kind` in bytes/s, or None when unknown."""
+    kind = device_kind.lower()
+    for pattern, bandwidth in MEMORY_BANDWIDTH:
+        if pattern in kind:
+            return bandwidth
     return None
 
 

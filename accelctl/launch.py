@@ -21,9 +21,12 @@ from collections.abc import Sequence
 from typing import IO, Any
 
 from accelctl.distributed import ENV_COORDINATOR, ENV_NUM_PROCESSES, ENV_PROCESS_ID
-from accelctl.errors import UserError
+from accelctl.errors import Preempted, UserError
 
 GRACE_S = 10.0
+PREEMPTED = Preempted.exit_code
+# Set for the processes `accelctl launch` starts: they leave "how to continue" to launch.
+ENV_LAUNCHED = "ACCELCTL_LAUNCHED"
 
 
 def free_port() -> int:
@@ -86,6 +89,7 @@ def process_envs(
                 ENV_COORDINATOR: f"127.0.0.1:{port}",
                 ENV_NUM_PROCESSES: str(num_processes),
                 ENV_PROCESS_ID: str(i),
+                ENV_LAUNCHED: "1",
                 "PYTHONUNBUFFERED": "1",
             }
         )
@@ -100,8 +104,15 @@ def process_envs(
     return out
 
 
+# Lines the collective libraries print on every start, which say nothing to a user (gloo's
+# connection log on the CPU backend; absl's note before its logging is set up).
+_CHATTER = ("[Gloo] ", "WARNING: All log messages before absl::InitializeLog()")
+
+
 def _stream(i: int, pipe: IO[str], out: IO[str], lock: threading.Lock) -> None:
     for line in pipe:
+        if line.lstrip().startswith(_CHATTER):
+            continue
         with lock:
             out.write(f"[{i}] {line}" if line.endswith("\n") else f"[{i}] {line}\n")
             out.flush()
@@ -156,7 +167,9 @@ def run_processes(
         while any(p.poll() is None for p in procs):
             for i, p in enumerate(procs):
                 rc = p.poll()
-                if rc not in (None, 0) and failed is None and not forwarded:
+                # 75: this process was preempted and checkpointed; the others stop at the same
+                # step on their own (they agree on it), so it is no failure to act on.
+                if rc not in (None, 0, PREEMPTED) and failed is None and not forwarded:
                     failed = (i, rc)
                     others = [q for q in procs if q.poll() is None]
                     say(
@@ -173,6 +186,8 @@ def run_processes(
     if failed is not None:
         return exit_code(failed[1])
     codes = [exit_code(p.returncode) for p in procs]
+    if codes and all(c == PREEMPTED for c in codes):
+        return PREEMPTED  # the caller says how to continue
     bad = [(i, c) for i, c in enumerate(codes) if c != 0]
     if bad:
         i, c = bad[0]

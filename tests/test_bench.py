@@ -21,9 +21,15 @@ from pathlib import Path
 import jax
 import pytest
 
-from accelctl import bench, compile_cache
+from accelctl import bench, compile_cache, plan
 from accelctl import config as config_mod
-from accelctl.devices import PEAK_FLOPS, memory_limit, peak_flops
+from accelctl.devices import (
+    MEMORY_BANDWIDTH,
+    PEAK_FLOPS,
+    memory_bandwidth,
+    memory_limit,
+    peak_flops,
+)
 from accelctl.errors import UserError
 from tests.conftest import TINY, assert_user_error, invoke
 
@@ -81,11 +87,15 @@ ROW_FIELDS = {
     "step_time_s",
     "samples_per_s",
     "tokens_per_s",
+    "tokens_per_s_per_device",
     "pipelined_samples_per_s",
     "flops_per_step",
+    "model_flops_per_step",
     "flops_per_s",
     "peak_flops_per_s",
     "mfu",
+    "mfu_flops",
+    "attention_kernel",
     "memory",
     "h2d",
     "loop",
@@ -216,7 +226,12 @@ def test_builtin_gpt_is_the_shipped_config_on_synthetic_tokens():
     assert cfg.data.source == "tokens" and cfg.data.kind == "synthetic"
 
 
-def test_token_workloads_report_tokens_per_second(result):
+def test_token_workloads_report_tokens_per_second(result, monkeypatch):
+    from accelctl import devices
+    from accelctl.models.transformer import training_flops
+
+    # A made-up peak (the CPU has none) only to check how MFU is derived from the counts.
+    monkeypatch.setattr(devices, "peak_flops", lambda kind, dtype: 1e12)
     gpt = {
         "model": {
             "name": "transformer",
@@ -235,6 +250,23 @@ def test_token_workloads_report_tokens_per_second(result):
     assert row["precision"] == "bf16" and row["strategy"] == "dp"
     assert row["tokens_per_s"] == pytest.approx(row["samples_per_s"] * 8)
     assert all(r["tokens_per_s"] is None for r in result["results"])  # image workloads
+    assert row["tokens_per_s_per_device"] == pytest.approx(row["tokens_per_s"] / 8)
+    # MFU of a transformer counts the model's FLOPs (6 N tokens + attention), not XLA's.
+    model = training_flops(
+        batch=16, seq_len=8, num_layers=1, embed_dim=16, mlp_dim=64, vocab_size=11
+    )
+    assert row["model_flops_per_step"] == model
+    assert row["mfu_flops"] == "model" and row["attention_kernel"] == "xla"
+    median = row["step_time_s"]["median"]
+    assert row["peak_flops_per_s"] == 8e12
+    assert row["mfu"] == pytest.approx(model / median / 8e12)
+    assert row["flops_per_s"] == pytest.approx(row["flops_per_step"] / median)  # XLA's
+
+
+def test_image_workloads_count_xla_flops(result):
+    for r in result["results"]:
+        assert r["model_flops_per_step"] is None and r["mfu_flops"] == "xla"
+        assert r["tokens_per_s_per_device"] is None and r["attention_kernel"] is None
 
 
 # --- compare ------------------------------------------------------------------------------------
@@ -335,15 +367,14 @@ def host_cfg():
 
 @pytest.fixture(scope="module")
 def need(host_cfg):
-    """need(batch) -> bytes per device of the train step, as `_fits` measures it."""
-    from accelctl.train.job import build_job
-
-    job = build_job(host_cfg, compile_train=False)
+    """need(batch) -> bytes per device of the train step, as the probes measure it."""
+    job, _ = plan.build_abstract_job(host_cfg)
     memo = {}
 
     def need(batch):
         if batch not in memo:
-            memo[batch] = bench._fits(job, batch, 1 << 62)[1]
+            compiled = plan.compile_train_step(job, batch)
+            memo[batch] = plan.compiled_memory(compiled, None)["total_bytes"]
         return memo[batch]
 
     return need
@@ -459,6 +490,59 @@ def test_cli_find_max_batch(tmp_path, max_batch, limit):
 def test_peak_flops(kind, dtype, expected):
     assert peak_flops(kind, dtype) == expected
     assert peak_flops(kind.upper(), dtype) == expected  # case-insensitive
+
+
+@pytest.mark.parametrize(
+    ("kind", "bf16", "fp32"),
+    [
+        # CUDA's device names, which JAX reports as device_kind (SXM unless the name says else).
+        ("NVIDIA H100 80GB HBM3", 989.4e12, 494.7e12),
+        ("NVIDIA H100 PCIe", 756e12, 378e12),
+        ("NVIDIA H100 NVL", 835.5e12, 417.5e12),
+        ("NVIDIA H200", 989.4e12, 494.7e12),  # the H100 SXM's chip
+        ("NVIDIA H200 NVL", None, None),  # lower clock, no datasheet number recorded
+        ("NVIDIA GH200 480GB", 989.4e12, 494.7e12),
+        ("NVIDIA A100-SXM4-40GB", 312e12, 156e12),
+        ("NVIDIA A100 80GB PCIe", 312e12, 156e12),
+        ("NVIDIA B200", None, None),  # not in the table: unknown, never guessed
+    ],
+)
+def test_peak_flops_of_the_device_kinds_jax_reports(kind, bf16, fp32):
+    assert peak_flops(kind, "bf16") == bf16
+    assert peak_flops(kind, "fp32") == fp32
+
+
+@pytest.mark.parametrize(
+    ("kind", "expected"),
+    [
+        ("NVIDIA H100 80GB HBM3", 3.35e12),
+        ("NVIDIA H100 PCIe", 2.0e12),
+        ("NVIDIA H100 NVL", 3.9e12),
+        ("NVIDIA H200", 4.8e12),
+        ("NVIDIA H200 NVL", 4.8e12),
+        ("NVIDIA GH200 480GB", None),  # HBM3 or HBM3e variant: the name does not say
+        ("NVIDIA A100-SXM4-40GB", 1.555e12),
+        ("NVIDIA A100-SXM4-80GB", 2.039e12),
+        ("NVIDIA A100 80GB PCIe", 1.935e12),
+        ("NVIDIA A100-PCIE-40GB", 1.555e12),
+        ("NVIDIA L4", 300e9),
+        ("NVIDIA L40S", 864e9),
+        ("NVIDIA A10G", None),
+        ("Tesla V100-SXM2-16GB", 900e9),
+        ("TPU v5 lite", 819e9),
+        ("cpu", None),
+        ("Some Future Accelerator", None),
+    ],
+)
+def test_memory_bandwidth(kind, expected):
+    assert memory_bandwidth(kind) == expected
+    assert memory_bandwidth(kind.upper()) == expected
+
+
+def test_memory_bandwidth_table_is_sane():
+    for pattern, bandwidth in MEMORY_BANDWIDTH:
+        assert pattern == pattern.lower()
+        assert bandwidth is None or 1e11 < bandwidth < 1e13, pattern
 
 
 def test_peak_flops_l4_and_l40s_differ():

@@ -387,3 +387,78 @@ def test_resnet_builds_from_config_object() -> None:
     assert model.activation == "tanh" and all(b.activation == "tanh" for b in model.blocks)
     np.testing.assert_array_equal(model.blocks[-1].norms[-1].scale[...], 1.0)
     assert model(_x((BATCH, *RGB)), train=False).shape == (BATCH, CLASSES)
+
+
+# --- activation checkpointing (model.remat) ------------------------------------------------------
+
+REMAT_IMAGES = """
+data: {source: synthetic, shape: [8, 8, 3], num_train: 256, num_eval: 64, num_classes: 4,
+       cache: host}
+optimizer: {name: adam, lr: 0.01}
+train: {batch_size: 32, steps: 3}
+"""
+
+
+def remat_losses(text: str, remat: str, steps: int = 3) -> list[float]:
+    """Losses of `steps` train steps of the config `text` under model.remat `remat` (dropout
+    and batch statistics as in training; each step sees the state the previous one updated)."""
+    from accelctl import data
+    from accelctl.train.job import build_job
+
+    job = build_job(config.load_text(text, "remat.yaml", [f"model.remat={remat}"]))
+    state, losses = job.state.init(), []
+    for step in range(steps):
+        (batch,) = data.train_batches(
+            job.dataset.train, job.sizes.batch, seed=0, start_step=step, num_steps=step + 1
+        )
+        state, metrics = job.steps.train(state, job.feed.train_put_fn(batch))
+        losses.append(float(metrics["loss"]))
+    return losses
+
+
+@pytest.mark.parametrize(
+    ("model", "modes"),
+    [
+        ("{name: mlp, hidden: [32, 16], dropout: 0.1}", ["full", "dots"]),
+        ("{name: cnn, channels: [8, 8], dense: [16], batch_norm: true, dropout: 0.1}", ["full"]),
+        ("{name: resnet, stage_sizes: [1, 1], width: 8}", ["full", "dots"]),
+    ],
+    ids=["mlp", "cnn", "resnet"],
+)
+def test_remat_keeps_the_losses(model: str, modes: list[str]) -> None:
+    """Recomputing activations in the backward pass changes no loss and no update (the losses
+    after the first step depend on the updates)."""
+    text = f"model: {model}\n{REMAT_IMAGES}"
+    plain = remat_losses(text, "none")
+    for mode in modes:
+        np.testing.assert_allclose(remat_losses(text, mode), plain, rtol=1e-6, atol=1e-6)
+
+
+def test_resnet_remat_lowers_the_compiled_temporary_memory() -> None:
+    from accelctl import plan
+
+    text = """
+model: {name: resnet, stage_sizes: [2, 2], width: 8}
+data: {source: synthetic, shape: [16, 16, 3], num_train: 256, num_eval: 64, num_classes: 4,
+       cache: host}
+train: {batch_size: 64, steps: 3}
+"""
+    temp = {}
+    for mode in ("none", "full"):
+        job, _ = plan.build_abstract_job(config.load_text(text, "r.yaml", [f"model.remat={mode}"]))
+        temp[mode] = plan.compile_train_step(job).memory_analysis().temp_size_in_bytes
+    assert temp["full"] < 0.9 * temp["none"], temp
+
+
+def test_remat_is_per_block_for_resnet_and_transformer_else_around_the_forward() -> None:
+    for text, whole in [
+        ("{name: mlp, remat: full}", "full"),
+        ("{name: cnn, remat: dots}", "dots"),
+        ("{name: resnet, remat: full}", "none"),
+        ("{name: transformer, remat: full}", "none"),
+    ]:
+        cfg = _model_cfg(text)
+        assert models.forward_remat(cfg) == whole
+    assert _build("{name: resnet, remat: dots}", RGB).remat == "dots"
+    with pytest.raises(config.ConfigError, match="remat"):
+        _model_cfg("{name: mlp, remat: sometimes}")

@@ -22,7 +22,7 @@ from typer.testing import CliRunner
 
 from accelctl import config
 from accelctl.cli import app
-from accelctl.data import epoch_batch_table, eval_batches, train_batches
+from accelctl.data import epoch_batch_table, eval_batches, tfds_source, train_batches
 from accelctl.data.tfds_source import TfdsSplit, load
 from accelctl.errors import UserError
 from accelctl.train import train
@@ -354,6 +354,15 @@ def failing_download(monkeypatch: pytest.MonkeyPatch) -> Any:
             raise exc
 
         monkeypatch.setattr(tfds.core.DatasetBuilder, "download_and_prepare", download_and_prepare)
+        # Past prepare()'s own checks (TensorFlow importable, a download host reachable), so the
+        # download itself is what fails.
+        real_find_spec = tfds_source.importlib.util.find_spec
+        monkeypatch.setattr(
+            tfds_source.importlib.util,
+            "find_spec",
+            lambda name, *a: object() if name == "tensorflow" else real_find_spec(name, *a),
+        )
+        monkeypatch.setattr(tfds_source, "_unreachable", lambda: None)
         return calls
 
     return install
@@ -388,6 +397,51 @@ def test_prepare_without_tensorflow_advises_the_tfds_extra(
     result = runner.invoke(app, ["data", "prepare", "mnist", "--data-dir", str(tmp_path)])
     assert len(calls) == 1
     assert_user_error(result, "preparing mnist", "pip install -e", "[tfds]", "tensorflow")
+
+
+def test_prepare_checks_tensorflow_and_the_network_before_creating_anything(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    import time
+
+    data_dir = tmp_path / "tfds"
+    # This machine has no TensorFlow: said at once, before tfds prints or writes anything.
+    assert tfds_source.importlib.util.find_spec("tensorflow") is None
+    result = runner.invoke(app, ["data", "prepare", "mnist", "--data-dir", str(data_dir)])
+    assert_user_error(result, "needs TensorFlow", "[tfds]", "If this machine is offline")
+    assert "Downloading" not in result.output and not data_dir.exists()
+    # With TensorFlow but no network: a few seconds, not minutes of retries.
+    real_find_spec = tfds_source.importlib.util.find_spec
+    monkeypatch.setattr(
+        tfds_source.importlib.util,
+        "find_spec",
+        lambda name, *a: object() if name == "tensorflow" else real_find_spec(name, *a),
+    )
+    monkeypatch.setattr(tfds_source, "_PROBE_HOSTS", ("127.0.0.1",))  # port 443: nothing there
+    t0 = time.monotonic()
+    result = runner.invoke(app, ["data", "prepare", "mnist", "--data-dir", str(data_dir)])
+    assert time.monotonic() - t0 < 20
+    assert_user_error(result, "reaches none of the hosts", "127.0.0.1:443", "copy DIR/mnist")
+    assert not data_dir.exists() or not any(data_dir.iterdir())
+
+
+def test_a_failed_preparation_removes_what_it_created(
+    failing_download: Any, tmp_path: Path
+) -> None:
+    data_dir = tmp_path / "tfds"
+    (data_dir / "downloads").mkdir(parents=True)
+    (data_dir / "downloads" / "kept.txt").write_text("was here before")
+
+    def partial(self: Any, *args: Any, **kwargs: Any) -> None:
+        (data_dir / "downloads" / "mnist.tmp.123").write_bytes(b"half a download")
+        (data_dir / "mnist" / "3.0.1").mkdir(parents=True)
+        raise OSError("connection reset")
+
+    failing_download(OSError("unused"))
+    tfds.core.DatasetBuilder.download_and_prepare = partial  # restored by monkeypatch
+    result = runner.invoke(app, ["data", "prepare", "mnist", "--data-dir", str(data_dir)])
+    assert_user_error(result, "could not download and prepare mnist")
+    assert sorted(p.name for p in data_dir.rglob("*")) == ["downloads", "kept.txt"]
 
 
 def test_unknown_data_set_name_suggests_the_closest(tmp_path: Path) -> None:

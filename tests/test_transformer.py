@@ -322,3 +322,69 @@ def test_transformer_trains_alike_under_every_strategy(
     summary, got = _strategy_losses(tmp_path, extra)
     assert summary["strategy"] == strategy and summary["devices"] == 8
     np.testing.assert_allclose(got, one_device_losses, rtol=5e-5, atol=5e-6)
+
+
+# --- remat and the attention kernel --------------------------------------------------------------
+
+_REMAT_RUN = """
+model: {name: transformer, num_layers: 2, num_heads: 2, embed_dim: 16, max_len: 8, dropout: 0.1}
+data: {source: tokens, seq_len: 8, vocab_size: 11, num_train: 256, num_eval: 32, cache: host}
+optimizer: {name: adam, lr: 0.01}
+train: {batch_size: 32, steps: 3}
+"""
+
+
+def test_remat_keeps_the_losses() -> None:
+    from tests.test_models import remat_losses
+
+    plain = remat_losses(_REMAT_RUN, "none")
+    for mode in ("full", "dots"):
+        np.testing.assert_allclose(remat_losses(_REMAT_RUN, mode), plain, rtol=1e-6, atol=1e-6)
+
+
+def test_remat_lowers_the_compiled_temporary_memory() -> None:
+    """Per-block remat keeps only each block's input for the backward pass.
+
+    Compiled with XLA:CPU's memory-optimised scheduler: its default one orders for concurrency
+    and computes the recomputed activations as early as the originals, so a transformer's
+    temporaries do not shrink under remat on the CPU at all (GPU schedulers are memory-aware).
+    """
+    from accelctl import plan
+
+    text = """
+model: {name: transformer, num_layers: 4, num_heads: 2, embed_dim: 32, max_len: 64}
+data: {source: tokens, seq_len: 64, vocab_size: 64, num_train: 256, num_eval: 32, cache: host}
+train: {batch_size: 64, steps: 3}
+"""
+    options = {"xla_cpu_scheduler_type": "CPU_SCHEDULER_TYPE_MEMORY_OPTIMIZED"}
+    temp = {}
+    for mode in ("none", "full"):
+        job, _ = plan.build_abstract_job(config.load_text(text, "r.yaml", [f"model.remat={mode}"]))
+        lowered = job.steps.train_jit.lower(job.state.abstract, job.feed.abstract_input)
+        temp[mode] = lowered.compile(options).memory_analysis().temp_size_in_bytes
+    assert temp["full"] < 0.9 * temp["none"], temp
+
+
+def test_attention_xla_and_auto_give_the_same_logits() -> None:
+    x = _tokens()
+    auto, xla = _tiny(), _tiny(attention="xla")
+    assert auto.blocks[0].attn.implementation is None
+    assert xla.blocks[0].attn.implementation == "xla"
+    np.testing.assert_array_equal(auto(x, train=False), xla(x, train=False))
+    with pytest.raises(ValueError, match="unknown attention"):
+        _tiny(attention="flash")
+    with pytest.raises(ValueError, match="unknown remat"):
+        _tiny(remat="sometimes")
+
+
+def test_cudnn_attention_on_cpu_is_a_located_config_error(tmp_path) -> None:
+    from accelctl.train.job import build_job
+
+    path = tmp_path / "gpt.yaml"
+    path.write_text(_REMAT_RUN.replace("dropout: 0.1}", "dropout: 0.1, attention: cudnn}"))
+    cfg = config.load(path)
+    assert cfg.model.attention == "cudnn"
+    with pytest.raises(ConfigError, match="NVIDIA GPUs only") as e:
+        build_job(cfg, compile_train=False)
+    assert f"{path}:2:" in str(e.value) and "model.attention" in str(e.value)
+    assert config.load_text(_REMAT_RUN, "g.yaml").model.attention == "auto"

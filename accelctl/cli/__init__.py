@@ -14,6 +14,7 @@ from accelctl.cli.data import app as data_app
 from accelctl.cli.env import env_command
 from accelctl.cli.eval import eval_command
 from accelctl.cli.launch import launch_command
+from accelctl.cli.plan import plan_command
 from accelctl.cli.plot import plot_command
 from accelctl.cli.train import train_command
 
@@ -48,6 +49,7 @@ app.command("train")(train_command)
 app.command("eval")(eval_command)
 app.command("plot")(plot_command)
 app.command("bench")(bench_command)
+app.command("plan")(plan_command)
 app.command("env")(env_command)
 app.command("compare-devices")(compare_command)
 app.command("configs")(configs_command)

@@ -36,7 +36,7 @@ def bench_command(
         typer.Option(
             "--find-max-batch",
             help="Instead of timing: the largest batch whose step fits device memory (from "
-            "compiled memory analysis; nothing is allocated).",
+            "compiled memory analysis, as `accelctl plan` reads it; nothing is allocated).",
         ),
     ] = False,
     memory_limit: Annotated[
@@ -162,7 +162,8 @@ def _render(result: dict[str, Any]) -> None:
             f"{r['samples_per_s']:.0f}"
             + (f" ({r['tokens_per_s'] / 1e3:.0f}k tok/s)" if r.get("tokens_per_s") else ""),
             f"{r['flops_per_s'] / 1e12:.3f}" if r["flops_per_s"] else "n/a",
-            f"{r['mfu']:.1%}" if r["mfu"] is not None else "n/a",
+            # The count MFU is taken from: the model's FLOPs (transformers) or XLA's.
+            f"{r['mfu']:.1%} ({r['mfu_flops']})" if r["mfu"] is not None else "n/a",
             f"{mem['total_bytes'] / 1e6:.1f}",
             f"{r['h2d']['bytes_per_s'] / 1e9:.2f}",
             f"{r['loop']['vs_bare_step']:.2f}",

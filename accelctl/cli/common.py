@@ -21,6 +21,7 @@ FLAGS = {param: "--" + param.replace("_", "-") for param in PARAMS} | {
     "overrides": "--set",
 }
 
+
 # Options every command spells the same way.
 def _check_json_out(value: str | None) -> str | None:
     """Refuse an unwritable --json target before the command does its work."""

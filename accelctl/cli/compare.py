@@ -35,11 +35,17 @@ def compare_command(
     plot: Annotated[
         Path | None, typer.Option("--plot", help="Also draw a bar chart to this PNG file.")
     ] = None,
+    wide: Annotated[
+        bool, typer.Option("--wide", help="All columns (step time, compile, memory) in the table.")
+    ] = False,
     json_out: JsonOut = None,
     debug: Debug = False,
 ) -> None:
-    """Measure one workload on the CPU (1 and N devices) and every accelerator (1 device, all
-    devices, pmap), each in its own process, and compare throughput and scaling."""
+    """Measure one workload on every device set and compare throughput and scaling.
+
+    Device sets: the CPU with 1 and N devices, and each accelerator backend with 1 device, all
+    devices (dp) and pmap; each set is measured by its own `accelctl bench` process.
+    """
 
     def go() -> dict[str, Any]:
         from accelctl import bench, compare
@@ -69,44 +75,45 @@ def compare_command(
 
     result = run_guarded(go, debug=debug)
     if not write_json(result, json_out):
-        _render(result)
+        _render(result, wide=wide)
 
 
-def _render(result: dict[str, Any]) -> None:
+def _render(result: dict[str, Any], *, wide: bool) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    console = Console(width=max(Console().width, 150))
+    console = Console()  # the terminal's width (COLUMNS when set); --wide for every column
     table = Table(title=f"accelctl compare-devices — {result['workload']} ({result['cpu']})")
-    cols = (
-        "device",
-        "count",
-        "strategy",
-        "samples/s",
-        "step ms",
-        "compile s",
-        "MFU",
-        "memory MB/dev",
-        "vs CPU",
-        "scaling eff.",
-    )
-    for col in cols:
-        table.add_column(col, justify="left" if col == "device" else "right")
+    # (header, cell) in the order shown; the wide ones only with --wide.
+    cols: list[tuple[str, Any]] = [
+        ("device", lambda r: r["device_kind"] or r["platform"]),
+        ("n", lambda r: str(r["devices"])),
+        ("strategy", lambda r: r["strategy"]),
+        ("samples/s", lambda r: f"{r['samples_per_s']:,.0f}"),
+    ]
+    if wide:
+        cols += [
+            ("step ms", lambda r: f"{r['step_time_median_s'] * 1e3:.2f}"),
+            ("compile s", lambda r: f"{r['compile_s']:.2f}"),
+            ("MB/device", lambda r: f"{r['memory_bytes_per_device'] / 1e6:.1f}"),
+        ]
+    cols += [
+        ("MFU", lambda r: f"{r['mfu']:.1%}" if r["mfu"] is not None else "n/a"),
+        ("vs CPU", lambda r: f"{r['speedup_vs_cpu']:.2f}x" if r["speedup_vs_cpu"] else "-"),
+        ("scaling", lambda r: f"{r['scaling_efficiency']:.0%}" if r["scaling_efficiency"] else "-"),
+    ]
+    for header, _ in cols:
+        table.add_column(header, justify="left" if header == "device" else "right")
+    failures = []
     for r in result["rows"]:
-        head = [r["device_kind"] or r["platform"], str(r["devices"]), r["strategy"]]
+        head = [cell(r) for _, cell in cols[:3]]
         if r["error"]:
-            table.add_row(*head, f"failed: {r['error']}", *[""] * 6)
+            failures.append(f"[{len(failures) + 1}] {' x '.join(head[:2])} {head[2]}: {r['error']}")
+            table.add_row(*head, f"failed [{len(failures)}]", *[""] * (len(cols) - 4))
             continue
-        table.add_row(
-            *head,
-            f"{r['samples_per_s']:.0f}",
-            f"{r['step_time_median_s'] * 1e3:.2f}",
-            f"{r['compile_s']:.2f}",
-            f"{r['mfu']:.1%}" if r["mfu"] is not None else "n/a",
-            f"{r['memory_bytes_per_device'] / 1e6:.1f}",
-            f"{r['speedup_vs_cpu']:.2f}x" if r["speedup_vs_cpu"] else "-",
-            f"{r['scaling_efficiency']:.0%}" if r["scaling_efficiency"] else "-",
-        )
+        table.add_row(*[cell(r) for _, cell in cols])
     console.print(table)
+    for line in failures:
+        console.print(line, highlight=False)
     if result["note"]:
         console.print(result["note"])

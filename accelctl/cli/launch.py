@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shlex
 from pathlib import Path
 from typing import Annotated, Literal
 
@@ -51,6 +52,19 @@ def launch_command(
         envs = launch.process_envs(
             num_processes, devices_per_process, chosen, launch.free_port(), gpus
         )
-        return launch.run_processes(args, envs)
+        code = launch.run_processes(args, envs)
+        if code == launch.PREEMPTED:
+            resume = [] if "--resume" in args else ["--resume"]
+            again = ["accelctl", "launch", "-n", str(num_processes)]
+            if devices_per_process != 1:
+                again += ["--devices-per-process", str(devices_per_process)]
+            if platform != "auto":
+                again += ["--platform", platform]
+            print(
+                f"[launch] the {num_processes} processes stopped together and wrote a checkpoint "
+                f"(exit 75). Continue with: {shlex.join([*again, *args, *resume])}",
+                flush=True,
+            )
+        return code
 
     raise typer.Exit(run_guarded(go, debug=debug))

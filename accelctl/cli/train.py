@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Annotated
 
@@ -108,6 +109,10 @@ def train_command(
     def advice(e: AccelctlError) -> str | None:
         if not isinstance(e, Preempted) or e.checkpoint is None:
             return None
+        from accelctl.launch import ENV_LAUNCHED
+
+        if os.environ.get(ENV_LAUNCHED):
+            return None  # `accelctl launch` says how to continue the whole job, once
         return (
             f"Continue with: accelctl train {Path(e.run_dir) / 'config.yaml'} --run-dir "
             f"{e.run_dir} --resume"

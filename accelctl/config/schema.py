@@ -39,6 +39,19 @@ from accelctl.config.data import DataConfig, DigitsData
 from accelctl.config.source import ConfigError, Source, dotted
 
 Activation = Literal["relu", "gelu", "silu", "tanh", "sigmoid"]
+Remat = Literal["none", "full", "dots", "offload"]
+
+
+def _remat_field(where: str) -> Any:
+    """The `remat` field of a model section; `where` says what one checkpoint covers."""
+    return Field(
+        "none",
+        description="Activation checkpointing: keep fewer activations for the backward pass and "
+        f"recompute the rest ({where}). none: keep all; full: keep only the checkpoint's "
+        "inputs; dots: also keep matmul outputs without batch dimensions (linear layers; "
+        "convolutions and attention scores are recomputed); offload: like dots, kept in host "
+        "memory (GPU/TPU only).",
+    )
 
 
 # ----------------------------------------------------------------------------------------- model
@@ -53,6 +66,7 @@ class MLPConfig(_Section):
     dropout: Fraction = Field(
         0.0, description=f"Dropout rate after each hidden layer, train only ({FRACTION})."
     )
+    remat: Remat = _remat_field("one checkpoint around the whole forward pass")
 
 
 class CNNConfig(_Section):
@@ -81,6 +95,7 @@ class CNNConfig(_Section):
     dropout: Fraction = Field(
         0.0, description=f"Dropout rate in the dense head, train only ({FRACTION})."
     )
+    remat: Remat = _remat_field("one checkpoint around the whole forward pass")
 
     @model_validator(mode="after")
     def _kernels_match(self) -> CNNConfig:
@@ -119,6 +134,7 @@ class ResNetConfig(_Section):
         True, description="Start each block's last batch-norm scale at 0 (block = identity)."
     )
     activation: Activation = Field("relu", description="Non-linearity after each batch norm.")
+    remat: Remat = _remat_field("one checkpoint per residual block")
 
 
 class TransformerConfig(_Section):
@@ -148,6 +164,13 @@ class TransformerConfig(_Section):
         0.0,
         description=f"Dropout rate on the embeddings and residual branches, train only "
         f"({FRACTION}).",
+    )
+    remat: Remat = _remat_field("one checkpoint per transformer block")
+    attention: Literal["auto", "xla", "cudnn"] = Field(
+        "auto",
+        description="Attention kernel (jax.nn.dot_product_attention's implementation): auto = "
+        "JAX's choice; xla = plain XLA ops (any backend); cudnn = cuDNN's fused flash attention "
+        "(NVIDIA GPUs, precision.compute bf16 or fp16, head size a multiple of 8).",
     )
 
     @model_validator(mode="after")
@@ -181,6 +204,7 @@ class CustomModelConfig(_Section):
         description="Keyword arguments for the target (e.g. input size and class count); "
         "accelctl adds rngs=, and dtype=/param_dtype= when the callable accepts them.",
     )
+    remat: Remat = _remat_field("one checkpoint around the whole model call")
 
     @model_validator(mode="after")
     def _args_are_names(self) -> CustomModelConfig:
@@ -356,7 +380,6 @@ class TrainConfig(_Section):
         "stop: end the run (exit 3) naming the step and the last good checkpoint; skip: go on and "
         "count the skipped steps.",
     )
-
     hang_timeout: (
         Annotated[float, Field(gt=0, le=7 * 24 * 3600, allow_inf_nan=False)]
         | Literal["auto", "off"]

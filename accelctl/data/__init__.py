@@ -19,17 +19,19 @@ from accelctl.data.batches import (
     epoch_batch_table,
     epoch_permutation,
     eval_batches,
+    sampled,
     train_batches,
 )
 from accelctl.data.device_cache import DeviceFeed, make_gather, place_split, plan_cache
 from accelctl.data.prefetch import Prefetcher
-from accelctl.data.sources import SOURCES, Dataset, Split, SplitLike
+from accelctl.data.sources import SOURCES, Dataset, LocatedSplit, Split, SplitLike
 
 __all__ = [
     "DataPosition",
     "Dataset",
     "DeviceFeed",
     "HostBatch",
+    "LocatedSplit",
     "Prefetcher",
     "Split",
     "SplitLike",
@@ -42,12 +44,25 @@ __all__ = [
     "make_put_fn",
     "place_split",
     "plan_cache",
+    "sampled",
     "train_batches",
 ]
 
 
-def build(cfg: Any) -> Dataset:
-    """Load the data set named by the `data` config section (host arrays, fixed split)."""
+def build(cfg: Any, *, obj: Any = None) -> Dataset:
+    """Load the data set named by the `data` config section.
+
+    Args:
+        cfg: the `data` section.
+        obj: `source: python` only: the user's loader itself, or what it returns, instead of
+            importing `data.target` (the Python API's `data=`); None imports it.
+    Returns:
+        The Dataset (host arrays, or streamed splits read a batch at a time).
+    """
+    if obj is not None:
+        if cfg.source != "python":
+            raise ValueError(f"a data object needs data.source: python, not {cfg.source}")
+        return SOURCES["python"](cfg, obj)
     return SOURCES[cfg.source](cfg)
 
 

@@ -5,6 +5,10 @@ last batch of an epoch; evaluation pads the last batch and marks the padding wit
 The order of examples is a pure function of (seed, epoch), laid out by `epoch_batch_table`; the
 host path (`train_batches`) and the device cache read the same table, so they give the same
 batches, and a run can start at any step without replaying data (`DataPosition`).
+
+A split too large for a per-epoch table (a token corpus has one example per token offset) picks
+each step's examples itself with `batch_indices(step, batch_size, *, seed)`, a pure function of
+(seed, step) too, so resuming stays exact while memory does not grow with the split.
 """
 
 from __future__ import annotations
@@ -44,6 +48,12 @@ def epoch_batch_table(n: int, batch_size: int, *, seed: int, epoch: int) -> np.n
     steps = n // batch_size
     perm = epoch_permutation(n, seed=seed, epoch=epoch)[: steps * batch_size]
     return np.sort(perm.reshape(steps, batch_size), axis=1).astype(np.int32)
+
+
+def sampled(split: SplitLike) -> bool:
+    """Whether `split` picks each step's examples itself (`batch_indices`) instead of the
+    epoch permutation; such a split is streamed, never cached."""
+    return callable(getattr(split, "batch_indices", None))
 
 
 def _process_slice(batch_size: int, process_index: int, process_count: int) -> slice:
@@ -105,7 +115,7 @@ def train_batches(
     Args:
         split: training examples.
         batch_size: global batch size (all processes).
-        seed: shuffling seed (see `epoch_batch_table`).
+        seed: shuffling seed (see `epoch_batch_table`, or the split's own `batch_indices`).
         start_step: first step to produce (resuming needs no replay of earlier batches).
         num_steps: one past the last step.
         process_index, process_count: this process's slice of each global batch; only those
@@ -113,8 +123,14 @@ def train_batches(
     Yields:
         {"x": (batch_size / process_count, ...), "y": (batch_size / process_count,)}.
     """
-    steps_per_epoch = len(split) // batch_size
     local = _process_slice(batch_size, process_index, process_count)
+    if sampled(split):
+        pick = split.batch_indices  # type: ignore[attr-defined]
+        for step in range(start_step, num_steps):
+            x, y = split.take(np.asarray(pick(step, batch_size, seed=seed))[local])
+            yield {"x": x, "y": y}
+        return
+    steps_per_epoch = len(split) // batch_size
     table, table_epoch = None, -1
     for step in range(start_step, num_steps):
         epoch, i = divmod(step, steps_per_epoch)

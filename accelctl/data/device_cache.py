@@ -19,9 +19,10 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from accelctl.data.batches import epoch_batch_table
+from accelctl.data.batches import epoch_batch_table, sampled
 from accelctl.data.sources import Split, SplitLike
 from accelctl.devices import memory_limit
+from accelctl.errors import FieldError
 
 try:  # jax >= 0.6 exports shard_map at the top level
     from jax import shard_map
@@ -58,17 +59,31 @@ def plan_cache(requested: str, split: SplitLike, mesh: Mesh) -> tuple[str, str]:
 
     Args:
         requested: the config's `data.cache` (auto, device, host, none).
-        split: the training split (its `nbytes` is known without reading it).
+        split: the training split (its `nbytes` is known, or estimated, without reading it).
         mesh: the devices it would be sharded over.
     Returns:
         (mode, reason): the reason says why, for `Setup.cache_reason`.
+    Raises:
+        FieldError: on data.cache: device or host asked for a split that samples its own
+            batches (a memory-mapped token corpus), which is only ever streamed.
     """
     size = split.nbytes
+    if sampled(split):
+        if requested in ("device", "host"):
+            raise FieldError(
+                ("data", "cache"),
+                f"cache: {requested} would read the whole {size / 2**20:.1f} MiB token corpus "
+                "into memory, but its windows are sampled at any token offset and read from the "
+                "memory-mapped file each step; use cache: auto",
+            )
+        return "none", "windows are read from the memory-mapped token file each step"
     if requested != "auto":
         return requested, "set in the config"
     budget = device_budget_bytes(mesh)
     if size <= budget:
         return "device", f"{size / 2**20:.1f} MiB fits a quarter of device memory"
+    if not isinstance(split, Split) and not getattr(split, "auto_host", True):
+        return "none", f"{size / 2**20:.1f} MiB exceeds a quarter of device memory (streamed)"
     if not isinstance(split, Split) and size > HOST_FRACTION * available_host_bytes():
         return "none", f"{size / 2**20:.1f} MiB exceeds half the free host memory"
     return "host", f"{size / 2**20:.1f} MiB exceeds a quarter of device memory"

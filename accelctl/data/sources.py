@@ -1,17 +1,21 @@
 """Data sources: each returns a `Dataset` with a fixed train/eval split.
 
-A split is either in host memory (`Split`, numpy arrays) or streamed from files (`tfds` with
-`cache: none`); both answer `take(indices)` with a batch of numpy arrays. Images stay in their
+A split is either in host memory (`Split`, numpy arrays) or streamed (`tfds` and a `python`
+random-access source with `cache: none`, a memory-mapped token `.bin`); all answer
+`take(indices)` with a batch of numpy arrays. Images stay in their
 compact integer dtype on the host; `Dataset.x_scale` (and optional mean/std) tell the jitted step
 how to turn them into floats on the device (4x fewer bytes to move than float32).
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
 import numpy as np
+
+from accelctl.errors import FieldError, UserError
 
 
 @dataclass(frozen=True)
@@ -59,6 +63,62 @@ class SplitLike(Protocol):
     def take(self, idx: np.ndarray) -> tuple[np.ndarray, np.ndarray]: ...
 
 
+# Optional members a streamed split may add to `SplitLike` (looked up with getattr):
+# - `load() -> Split`: read it whole, for `cache: device | host`.
+# - `batch_indices(step, batch_size, *, seed) -> (batch_size,) int array`: the split picks each
+#   step's examples itself (a pure function of seed and step) instead of the epoch permutation;
+#   such a split is never cached (see `batches.sampled`).
+# - `auto_host: bool` (default True): whether `cache: auto` may read it whole into host memory
+#   when it does not fit the devices; False streams it instead.
+
+
+class LocatedSplit:
+    """A streamed split whose read errors name their place in the config file.
+
+    A streamed split raises `FieldError`s (a row of another shape, a token beyond the
+    vocabulary) when a batch is read, in the prefetch thread, long after the job builder turned
+    load-time FieldErrors into located errors; this wrapper does the same at read time.
+
+    Args:
+        split: the streamed split; everything but `take` and `load` is passed through.
+        locate_fn: FieldError -> the UserError to raise (e.g. `Config.error_at`, file:line).
+    """
+
+    def __init__(self, split: SplitLike, locate_fn: Callable[[FieldError], UserError]) -> None:
+        self.split, self.locate_fn = split, locate_fn
+
+    def __len__(self) -> int:
+        return len(self.split)
+
+    @property
+    def example_shape(self) -> tuple[int, ...]:
+        return self.split.example_shape
+
+    @property
+    def x_dtype(self) -> np.dtype[Any]:
+        return self.split.x_dtype
+
+    @property
+    def nbytes(self) -> int:
+        return self.split.nbytes
+
+    def take(self, idx: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        try:
+            return self.split.take(idx)
+        except FieldError as e:
+            raise self.locate_fn(e) from e.__cause__
+
+    def load(self) -> Split:
+        try:
+            return self.split.load()  # type: ignore[attr-defined, no-any-return]
+        except FieldError as e:
+            raise self.locate_fn(e) from e.__cause__
+
+    def __getattr__(self, name: str) -> Any:
+        # Optional members (`batch_indices`, `auto_host`) exactly as the wrapped split has them.
+        return getattr(self.split, name)
+
+
 @dataclass(frozen=True)
 class Dataset:
     """A train and an eval split plus what the model and the step need to know about them."""
@@ -79,11 +139,20 @@ class Dataset:
         return self.train.example_shape
 
 
+def holdout_indices(n: int, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Deterministically pick `fraction` of n examples (at least one) for evaluation.
+
+    Returns:
+        (train, eval) sorted int64 index arrays that together hold 0..n-1 once each.
+    """
+    perm = np.random.default_rng(seed).permutation(n)
+    n_eval = max(1, round(n * fraction))
+    return np.sort(perm[n_eval:]), np.sort(perm[:n_eval])
+
+
 def _holdout(x: np.ndarray, y: np.ndarray, fraction: float, seed: int) -> tuple[Split, Split]:
     """Deterministically split off `fraction` of the examples for evaluation."""
-    perm = np.random.default_rng(seed).permutation(len(y))
-    n_eval = max(1, round(len(y) * fraction))
-    ev, tr = np.sort(perm[:n_eval]), np.sort(perm[n_eval:])
+    tr, ev = holdout_indices(len(y), fraction, seed)
     return Split(x[tr], y[tr]), Split(x[ev], y[ev])
 
 
@@ -133,10 +202,18 @@ def load_tfds(cfg: Any) -> Dataset:
 
 
 def load_tokens(cfg: Any) -> Dataset:
-    """Token sequences (synthetic Markov chain or byte-level text) for the transformer."""
+    """Token sequences (synthetic Markov chain, byte-level text, a .bin corpus) for the
+    transformer."""
     from accelctl.data import tokens  # imports this module: loaded when used, not at import
 
     return tokens.load_tokens(cfg)
+
+
+def load_python(cfg: Any, obj: Any = None) -> Dataset:
+    """The user's own loader, by import path or given as `obj` (see data/python_source.py)."""
+    from accelctl.data import python_source
+
+    return python_source.load(cfg, obj)
 
 
 SOURCES = {
@@ -145,4 +222,5 @@ SOURCES = {
     "npz": load_npz,
     "tfds": load_tfds,
     "tokens": load_tokens,
+    "python": load_python,
 }

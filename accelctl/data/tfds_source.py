@@ -10,6 +10,7 @@ their stored dtype (uint8) and are scaled on the device. `prepare()` and `list_p
 from __future__ import annotations
 
 import difflib
+import importlib.util
 import json
 import logging
 import math
@@ -247,19 +248,38 @@ def prepare(name: str, data_dir: str | None) -> dict[str, Any]:
         raise UserError(e.message) from None
     already = bool(builder.is_prepared())
     if not already:
+        offline = (
+            f"If this machine is offline, prepare it elsewhere with `accelctl data prepare "
+            f"{name} --data-dir DIR` and copy DIR/{name.split(':')[0]} into {root}."
+        )
+        # Both checks come before tfds prints or creates anything.
+        if importlib.util.find_spec("tensorflow") is None:
+            raise UserError(
+                f"preparing {name} needs TensorFlow (tensorflow-datasets prepares data sets "
+                f"with it), which is not installed; install it with "
+                f"`{pip_install_hint('tfds')}`. {offline}"
+            )
+        unreachable = _unreachable()
+        if unreachable:
+            raise UserError(
+                f"cannot download {name}: this machine reaches none of the hosts data sets are "
+                f"downloaded from ({unreachable}). {offline}"
+            )
+        before = _entries(root)
         try:
             builder.download_and_prepare()
         except ImportError as e:
+            _clean_up(root, before)
             raise UserError(
                 f"preparing {name} needs packages that are not installed ({e}); install them "
                 f"with `{pip_install_hint('tfds')}` (tensorflow-datasets prepares data sets "
                 "with TensorFlow)"
             ) from None
         except Exception as e:  # network and I/O failures surface as many types
+            _clean_up(root, before)
             raise UserError(
                 f"could not download and prepare {name} into {root}: {type(e).__name__}: {e}. "
-                f"If this machine is offline, prepare it elsewhere with `accelctl data prepare "
-                f"{name} --data-dir DIR` and copy DIR/{name.split(':')[0]} into {root}."
+                + offline
             ) from None
     splits = {k: int(v.num_examples) for k, v in builder.info.splits.items()}
     return {
@@ -269,6 +289,55 @@ def prepare(name: str, data_dir: str | None) -> dict[str, Any]:
         "already_prepared": already,
         "splits": splits,
     }
+
+
+# Where tfds downloads its data sets from (Google Cloud Storage, and the sets' own sites).
+_PROBE_HOSTS = ("storage.googleapis.com", "huggingface.co", "github.com")
+
+
+def _unreachable(timeout: float = 3.0) -> str | None:
+    """None when one of the download hosts (or the configured HTTPS proxy) accepts a TCP
+    connection within `timeout` seconds; else what failed, in a few words."""
+    import socket
+    from urllib.parse import urlparse
+
+    proxy = os.environ.get("HTTPS_PROXY") or os.environ.get("https_proxy")
+    targets = [(u.hostname, u.port or 443)] if proxy and (u := urlparse(proxy)).hostname else []
+    targets = targets or [(host, 443) for host in _PROBE_HOSTS]
+    failures = []
+    for host, port in targets:
+        try:
+            with socket.create_connection((host, port), timeout=timeout):
+                return None
+        except OSError as e:
+            failures.append(f"{host}:{port}: {e.strerror or type(e).__name__}")
+    return "; ".join(failures)
+
+
+def _entries(root: Path) -> set[Path]:
+    """What is in the data folder now (top level and downloads/), to tell new entries apart."""
+    if not root.is_dir():
+        return set()
+    found = set(root.iterdir())
+    downloads = root / "downloads"
+    if downloads.is_dir():
+        found |= set(downloads.iterdir())
+    return found
+
+
+def _clean_up(root: Path, before: set[Path]) -> None:
+    """Remove what a failed preparation created (partial downloads, an empty data set folder);
+    anything that was there before stays."""
+    import shutil
+
+    for path in sorted(_entries(root) - before, key=lambda p: len(p.parts), reverse=True):
+        if path.is_dir():
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            path.unlink(missing_ok=True)
+    downloads = root / "downloads"
+    if downloads not in before and downloads.is_dir() and not any(downloads.iterdir()):
+        downloads.rmdir()
 
 
 def list_prepared(data_dir: str | None) -> list[dict[str, Any]]:

@@ -1,4 +1,5 @@
-"""Token sequences for next-token prediction: a synthetic Markov chain or a byte-level text file.
+"""Token sequences for next-token prediction: a synthetic Markov chain, a byte-level text file, or
+a pre-tokenised `.bin` corpus (data/tokens_bin.py).
 
 Each example is a window of T + 1 tokens: x = window[:-1] and y = window[1:], both (T,) int32, so
 the model's logit at position t is trained to predict token t + 1.
@@ -13,6 +14,7 @@ import numpy as np
 
 from accelctl.data.checks import check_data_file
 from accelctl.data.sources import Dataset, Split
+from accelctl.data.tokens_bin import load_bin_tokens
 from accelctl.errors import FieldError
 
 SYNTHETIC_TRAIN = 4096  # sequences generated when num_train / num_eval are null
@@ -144,12 +146,14 @@ def load_text_tokens(cfg: Any) -> Dataset:
 
 
 def load_tokens(cfg: Any) -> Dataset:
-    """The `tokens` source: synthetic Markov sequences or a byte-level text file.
+    """The `tokens` source: synthetic Markov sequences, a byte-level text file or a .bin corpus.
 
     Returns:
         Dataset with x, y (N, seq_len) int32 (y = x shifted left by one), num_classes = the
         vocabulary size and tokens=True.
     Raises:
-        FieldError: the text file is missing, unreadable or too short.
+        FieldError: the text or .bin file is missing, unreadable, too short or malformed.
     """
+    if cfg.kind == "bin":
+        return load_bin_tokens(cfg)
     return load_text_tokens(cfg) if cfg.kind == "text" else make_synthetic_tokens(cfg)

@@ -7,6 +7,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+from flax import nnx
 
 
 def logical(*names: str | None) -> dict[str, Any]:
@@ -46,3 +47,36 @@ def pool2x2(x: jax.Array, kind: str) -> jax.Array:
     oh, ow = h // wh, w // ww
     x = x[:, : oh * wh, : ow * ww].reshape(b, oh, wh, ow, ww, c)
     return x.max(axis=(2, 4)) if kind == "max" else x.mean(axis=(2, 4))
+
+
+def remat_policy(mode: str) -> Callable[..., bool] | None:
+    """The `jax.checkpoint` policy of a `model.remat` mode (full, dots, offload).
+
+    full saves nothing inside the checkpoint (JAX's default policy, None); dots saves the outputs
+    of matmuls without batch dimensions (x @ W of the linear layers) and recomputes the rest;
+    offload saves the same outputs in pinned host memory instead of device memory.
+    """
+    policies = jax.checkpoint_policies
+    if mode == "full":
+        return None
+    if mode == "dots":
+        return policies.dots_with_no_batch_dims_saveable
+    if mode == "offload":
+        return policies.offload_dot_with_no_batch_dims("device", "pinned_host")
+    raise ValueError(f"unknown remat mode {mode!r}; use none, full, dots or offload")
+
+
+def checkpointed(fn: Callable[..., Any], mode: str) -> Callable[..., Any]:
+    """`fn` under activation checkpointing (`nnx.remat`) with the policy of `mode`.
+
+    Args:
+        fn: a function (not a bound method) whose arguments may be NNX modules; NNX carries
+            their state updates (batch statistics, RNG counters) out of the checkpoint.
+        mode: none (fn itself), full, dots or offload (see `remat_policy`).
+    Returns:
+        A function of the same signature: the same values and gradients, but the backward pass
+        recomputes what the policy did not save instead of keeping it from the forward pass.
+    """
+    if mode == "none":
+        return fn
+    return nnx.remat(fn, policy=remat_policy(mode))

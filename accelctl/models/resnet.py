@@ -9,7 +9,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from accelctl.models.layers import ACTIVATIONS
+from accelctl.models.layers import ACTIVATIONS, checkpointed
 
 
 def _conv(c_in: int, c_out: int, k: int, stride: int, rngs: nnx.Rngs, dtype: Any) -> nnx.Conv:
@@ -96,6 +96,9 @@ class ResNet(nnx.Module):
         zero_init_residual: start each block's last batch-norm scale at 0.
         num_outputs: number of logits.
         activation: name in ACTIVATIONS.
+        remat: activation checkpointing per residual block (none, full, dots, offload; see
+            `layers.remat_policy`); dots keeps nothing more than full here, as convolutions are
+            not dots.
         dtype: compute dtype (None: float32); parameters stay float32.
         rngs: parameter initialisation keys.
     """
@@ -111,6 +114,7 @@ class ResNet(nnx.Module):
         zero_init_residual: bool,
         num_outputs: int,
         activation: str = "relu",
+        remat: str = "none",
         dtype: Any = None,
         rngs: nnx.Rngs,
     ) -> None:
@@ -143,6 +147,7 @@ class ResNet(nnx.Module):
         self.stem = stem
         self.activation = activation
         self.image_ndim = len(input_shape)
+        self.remat = remat
 
     def __call__(self, x: jax.Array, *, train: bool, rngs: nnx.Rngs | None = None) -> jax.Array:
         """Return logits (batch, num_outputs) for images (batch, H, W[, C]).
@@ -160,6 +165,13 @@ class ResNet(nnx.Module):
         x = ACTIVATIONS[self.activation](self.stem_norm(x, use_running_average=not train))
         if self.stem == "imagenet":
             x = nnx.max_pool(x, (3, 3), strides=(2, 2), padding="SAME")
+
+        def run_block(blk: Block, x: jax.Array) -> jax.Array:
+            return blk(x, train=train)
+
+        # One checkpoint per block: the backward pass recomputes a block's convolutions and
+        # batch norms from its input (the running statistics are updated once, in the forward).
+        block_fn = checkpointed(run_block, self.remat)
         for blk in self.blocks:
-            x = blk(x, train=train)
+            x = block_fn(blk, x)
         return self.head(jnp.mean(x, axis=(1, 2)))

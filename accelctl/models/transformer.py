@@ -19,10 +19,13 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from accelctl.models.layers import logical
+from accelctl.models.layers import checkpointed, logical
 
 _INIT = nnx.initializers.normal(stddev=0.02)
 _LN_EPS = 1e-5  # GPT-2's LayerNorm epsilon
+# model.attention -> jax.nn.dot_product_attention(implementation=...); auto = JAX's choice.
+ATTENTION_IMPLEMENTATIONS = {"auto": None, "xla": "xla", "cudnn": "cudnn"}
+REMAT_MODES = ("none", "full", "dots", "offload")
 # Per block (keys, values), each (batch, length, heads, head_dim): what `Transformer.decode` reads.
 KVCache = tuple[tuple[jax.Array, jax.Array], ...]
 
@@ -91,6 +94,8 @@ class Attention(nnx.Module):
         num_heads: attention heads.
         rotary: rotate q and k by position (RoPE) instead of relying on learned positions.
         out_init: initialiser of the output projection (scaled for the residual stream).
+        attention: kernel of the training/evaluation pass, a key of ATTENTION_IMPLEMENTATIONS
+            (decoding with a cache always uses JAX's default: cuDNN's kernel takes no masks).
         dtype: compute dtype (None: float32); parameters stay float32.
         rngs: parameter initialisation keys.
     """
@@ -102,6 +107,7 @@ class Attention(nnx.Module):
         *,
         rotary: bool,
         out_init: Any,
+        attention: str = "auto",
         dtype: Any = None,
         rngs: nnx.Rngs,
     ) -> None:
@@ -123,6 +129,7 @@ class Attention(nnx.Module):
         self.num_heads = num_heads
         self.head_dim = embed_dim // num_heads
         self.rotary = rotary
+        self.implementation = ATTENTION_IMPLEMENTATIONS[attention]
 
     def _qkv(self, x: jax.Array, offset: int | jax.Array) -> tuple[jax.Array, ...]:
         """q, k, v (batch, T, heads, head_dim) of x (batch, T, embed_dim) starting at `offset`."""
@@ -140,7 +147,9 @@ class Attention(nnx.Module):
         """Return (batch, T, embed_dim) for x (batch, T, embed_dim); position t sees 0..t."""
         b, t, _ = x.shape
         q, k, v = self._qkv(x, 0)
-        y = jax.nn.dot_product_attention(q, k, v, is_causal=True)
+        y = jax.nn.dot_product_attention(
+            q, k, v, is_causal=True, implementation=self.implementation
+        )
         return self.out(y.reshape(b, t, self.num_heads * self.head_dim))
 
     def decode(
@@ -179,6 +188,7 @@ class Block(nnx.Module):
         mlp_dim: hidden width of the MLP.
         dropout: dropout rate on both residual branches (train only).
         out_init: initialiser of the two residual output projections.
+        attention: as in `Attention`.
         dtype: compute dtype (None: float32).
         rngs: parameter initialisation keys.
     """
@@ -192,12 +202,19 @@ class Block(nnx.Module):
         rotary: bool,
         dropout: float,
         out_init: Any,
+        attention: str = "auto",
         dtype: Any = None,
         rngs: nnx.Rngs,
     ) -> None:
         self.ln1 = _layer_norm(embed_dim, dtype=dtype, rngs=rngs)
         self.attn = Attention(
-            embed_dim, num_heads, rotary=rotary, out_init=out_init, dtype=dtype, rngs=rngs
+            embed_dim,
+            num_heads,
+            rotary=rotary,
+            out_init=out_init,
+            attention=attention,
+            dtype=dtype,
+            rngs=rngs,
         )
         self.ln2 = _layer_norm(embed_dim, dtype=dtype, rngs=rngs)
         self.mlp_in = _linear(
@@ -252,6 +269,10 @@ class Transformer(nnx.Module):
             (RoPE on q and k inside every attention).
         tie_embeddings: logits = x @ token_embedding.T instead of a separate output matrix.
         dropout: rate on the embeddings and both residual branches (train only).
+        remat: activation checkpointing per block (none, full, dots, offload; see
+            `layers.remat_policy`): the backward pass recomputes a block's activations from its
+            input instead of keeping them.
+        attention: attention kernel, a key of ATTENTION_IMPLEMENTATIONS.
         dtype: compute dtype (None: float32); parameters stay float32.
         rngs: parameter initialisation keys.
     """
@@ -269,6 +290,8 @@ class Transformer(nnx.Module):
         positions: str = "learned",
         tie_embeddings: bool = True,
         dropout: float = 0.0,
+        remat: str = "none",
+        attention: str = "auto",
         dtype: Any = None,
         rngs: nnx.Rngs,
     ) -> None:
@@ -286,6 +309,10 @@ class Transformer(nnx.Module):
             raise ValueError(f"embed_dim {embed_dim} is not divisible by num_heads {num_heads}")
         if positions not in ("learned", "rotary"):
             raise ValueError(f"unknown positions {positions!r}; use learned or rotary")
+        if remat not in REMAT_MODES:
+            raise ValueError(f"unknown remat {remat!r}; use {', '.join(REMAT_MODES)}")
+        if attention not in ATTENTION_IMPLEMENTATIONS:
+            raise ValueError(f"unknown attention {attention!r}; use auto, xla or cudnn")
         if positions == "rotary" and (embed_dim // num_heads) % 2:
             raise ValueError(
                 f"rotary positions need an even head size, got {embed_dim // num_heads}"
@@ -322,6 +349,7 @@ class Transformer(nnx.Module):
                     rotary=positions == "rotary",
                     dropout=dropout,
                     out_init=out_init,
+                    attention=attention,
                     dtype=dtype,
                     rngs=rngs,
                 )
@@ -347,6 +375,7 @@ class Transformer(nnx.Module):
         self.max_len = max_len
         self.num_heads = num_heads
         self.compute_dtype = dtype
+        self.remat = remat
 
     def __call__(self, x: jax.Array, *, train: bool, rngs: nnx.Rngs | None = None) -> jax.Array:
         """Return next-token logits (batch, T, vocab) for token ids x (batch, T).
@@ -362,8 +391,15 @@ class Transformer(nnx.Module):
         if self.pos_embed is not None:
             h = h + self.pos_embed(jnp.arange(x.shape[1]))[None]
         h = self.dropout(h, deterministic=not train, rngs=rngs)
+
+        def run_block(block: Block, h: jax.Array, rngs: nnx.Rngs | None) -> jax.Array:
+            return block(h, train=train, rngs=rngs)
+
+        # One checkpoint per block (MaxText's layer-wise remat): what each block keeps for the
+        # backward pass is its input (and, under dots/offload, its linear layers' outputs).
+        block_fn = checkpointed(run_block, self.remat)
         for block in self.blocks:
-            h = block(h, train=train, rngs=rngs)
+            h = block_fn(block, h, rngs)
         h = self.ln_f(h)
         return self.embed.attend(h) if self.head is None else self.head(h)
 
@@ -412,3 +448,40 @@ class Transformer(nnx.Module):
         h = self.ln_f(h)
         logits = self.embed.attend(h) if self.head is None else self.head(h)
         return logits, tuple(new_cache)
+
+
+def training_flops(
+    *, batch: int, seq_len: int, num_layers: int, embed_dim: int, mlp_dim: int, vocab_size: int
+) -> int:
+    """Model FLOPs of one training step (forward + backward) of `Transformer`, counted as PaLM
+    (Chowdhery et al. 2022, appendix B) and MaxText count them for MFU.
+
+    Only matmuls count (a (m, k) @ (k, n) product is 2mkn FLOPs); biases, norms, softmax, the
+    loss and the optimizer are left out, and so is recomputation under remat (that is hardware
+    FLOPs, not model FLOPs). The backward pass costs twice the forward one (gradients for the
+    inputs and for the weights), so a training step is 3x the forward pass:
+
+        6 * B * T * N + 6 * L * B * T^2 * d,    N = L * (4 d^2 + 2 d m) + d V
+
+    N counts the weights every token is multiplied by: in each of the L blocks the q, k, v and
+    output projections (4 d^2) and the MLP (2 d m), plus the logits matmul (d V) -- the tied
+    token embedding or the separate head, once either way. Embedding and position lookups are
+    gathers (no FLOPs), so N is the non-embedding weight count plus the logits matmul; bias and
+    LayerNorm parameters are not in N. The attention term: per sequence and block the scores
+    q k^T and the weighted sum of the values are 2 T^2 d FLOPs each in the forward pass; causal
+    attention needs only the half at or below the diagonal (MaxText halves it; PaLM's
+    12 * L * T * d per token does not), and training is 3x: 3 * (4 T^2 d) / 2 = 6 T^2 d.
+
+    Args:
+        batch: B, sequences per step (global).
+        seq_len: T, tokens per sequence.
+        num_layers: L.
+        embed_dim: d.
+        mlp_dim: m, the MLP's hidden width.
+        vocab_size: V.
+    Returns:
+        FLOPs of one step over the whole global batch.
+    """
+    b, t, layers, d, m, v = batch, seq_len, num_layers, embed_dim, mlp_dim, vocab_size
+    weights = layers * (4 * d * d + 2 * d * m) + d * v
+    return 6 * b * t * weights + 6 * layers * b * t * t * d

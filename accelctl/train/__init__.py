@@ -261,7 +261,7 @@ def train(
         run_dir,
         resume=resume,
         quiet=quiet,
-        objects={k: v for k, v in (("model", model), ("data", data)) if v is not None},
+        objects={k: v for k, v in (("model", model), ("data_source", data)) if v is not None},
         description=description or name,
         log_fn=log_fn,
     )

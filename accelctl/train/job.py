@@ -12,19 +12,24 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import jax
+import jax.numpy as jnp
 from flax import nnx
 from jax.sharding import Mesh
 
 from accelctl import data, models, optim, parallel, precision
-from accelctl.config import Config
+from accelctl.config import Config, ConfigError
 from accelctl.config.base import INT32_MAX
+from accelctl.config.schema import CustomModelConfig
 from accelctl.data import Dataset, Split
 from accelctl.errors import FieldError
+from accelctl.models import custom
+from accelctl.train import losses
 from accelctl.train.feed import DataFeed
 from accelctl.train.state import StateSpec, make_state_spec
-from accelctl.train.step import StepConfig
+from accelctl.train.step import StepConfig, _forward
 from accelctl.train.steps import Steps, compile_steps
 
 
@@ -87,14 +92,19 @@ def check_sizes(cfg: Config, mesh: Mesh, ds: Dataset) -> Sizes:
 
 
 def check_inputs(cfg: Config, ds: Dataset) -> None:
-    """Located ConfigErrors for a model/data mismatch found before anything is compiled."""
+    """Located ConfigErrors for a model/data mismatch found before anything is compiled.
+
+    A user's model (`model.target`) may read any data; its logits are checked against the data
+    (per-position for token data) once it is built (`build_job`).
+    """
     shape = ds.input_shape
     transformer = cfg.model.name == "transformer"
-    if ds.tokens and not transformer:
+    if ds.tokens and cfg.model.name not in ("transformer", "custom"):
         raise cfg.error_at(
             ("model", "name"),
             f"{ds.name} holds token ids, which only the transformer model reads; set "
-            "model.name: transformer",
+            "model.name: transformer, or use your own model (model.target) that returns "
+            "per-position logits",
         )
     if transformer and not ds.tokens:
         raise cfg.error_at(
@@ -125,8 +135,23 @@ def check_inputs(cfg: Config, ds: Dataset) -> None:
 
 
 def _place_data(cfg: Config, mesh: Mesh, ds: Dataset) -> tuple[Dataset, str, str]:
-    """Decide and apply the cache mode: decode streamed splits that are to be cached."""
-    mode, reason = data.plan_cache(cfg.data.cache, ds.train, mesh)
+    """Decide and apply the cache mode: decode streamed splits that are to be cached.
+
+    Streamed splits are wrapped so that a bad row found while reading a batch (in the prefetch
+    thread, mid-run) is reported at its config field's file:line like a load-time error.
+    """
+
+    def locate(e: FieldError) -> ConfigError:
+        return cfg.error_at(e.path, e.message)
+
+    def streamed(split: data.SplitLike) -> data.SplitLike:
+        return split if isinstance(split, Split) else data.LocatedSplit(split, locate)
+
+    ds = dataclasses.replace(ds, train=streamed(ds.train), eval=streamed(ds.eval))
+    try:
+        mode, reason = data.plan_cache(cfg.data.cache, ds.train, mesh)
+    except FieldError as e:
+        raise locate(e) from None
     if cfg.parallel.strategy == "pmap" and mode == "device":
         if cfg.data.cache == "device":
             raise cfg.error_at(
@@ -143,41 +168,131 @@ def _place_data(cfg: Config, mesh: Mesh, ds: Dataset) -> tuple[Dataset, str, str
     return dataclasses.replace(ds, train=train, eval=ev), mode, reason
 
 
-def make_model_fn(cfg: Config, ds: Dataset) -> Callable[[jax.Array], nnx.Module]:
-    """param_key -> the configured model, initialised from that key, in the compute dtype."""
+def make_model_fn(
+    cfg: Config, ds: Dataset, *, model: Any = None
+) -> Callable[[jax.Array], nnx.Module]:
+    """param_key -> the configured model, initialised from that key, in the compute dtype.
+
+    Args:
+        cfg: the config (`model`, `precision`).
+        ds: the data (example shape, class count, token inputs).
+        model: a user's model class or factory itself (`model.target` is then not imported).
+    Returns:
+        The function (called inside `jax.eval_shape` / `jax.jit` only).
+    """
     dtype = precision.compute_dtype(cfg.precision)
 
     def make_model(key: jax.Array) -> nnx.Module:
         return models.build(
-            cfg.model, ds.input_shape, ds.num_classes, rngs=nnx.Rngs(params=key), dtype=dtype
+            cfg.model,
+            ds.input_shape,
+            ds.num_classes,
+            rngs=nnx.Rngs(params=key),
+            dtype=dtype,
+            tokens=ds.tokens,
+            obj=model,
         )
 
     return make_model
 
 
-def build_job(cfg: Config, *, compile_train: bool = True) -> Job:
+def _check_user_parts(cfg: Config, model: Any) -> None:
+    """Import and check a user's model and loss (not build them) before any data is loaded."""
+    if isinstance(cfg.model, CustomModelConfig):
+        custom.resolve(cfg.model, obj=model)
+    losses.check_loss(cfg.train.loss, cfg.train.label_smoothing)
+
+
+def _check_outputs(cfg: Config, sc: StepConfig, spec: StateSpec, ds: Dataset, model: Any) -> None:
+    """Run a user's model (and loss) abstractly on a batch of 2 of the data's shape: its logits
+    must fit the labels, before the train step is compiled."""
+    x = jax.ShapeDtypeStruct((2, *ds.input_shape), jnp.int32 if ds.tokens else jnp.float32)
+    y = jax.ShapeDtypeStruct((2, ds.input_shape[0]) if ds.tokens else (2,), jnp.int32)
+    # Shapes only: the shardings of the abstract state play no part here.
+    params, model_state = jax.tree.map(
+        lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype),
+        (spec.abstract.params, spec.abstract.model_state),
+    )
+    if isinstance(cfg.model, CustomModelConfig):
+        try:
+            # _inputs casts x to float32 as the steps do; train=True with a dropout key is the
+            # fuller path (evaluation differs only in the flag).
+            logits, _ = jax.eval_shape(
+                lambda p, s, x: _forward(sc, p, s, x, train=True, dropout_key=jax.random.key(0)),
+                params,
+                model_state,
+                x,
+            )
+        except FieldError:
+            raise
+        except Exception as e:
+            raise custom.forward_failed(cfg.model, e, x.shape, str(x.dtype), model) from None
+        custom.check_logits(
+            logits,
+            num_classes=ds.num_classes,
+            tokens=ds.tokens,
+            input_shape=ds.input_shape,
+            cfg=cfg.model,
+            obj=model,
+        )
+    else:  # what the built-in models return
+        logits = jax.ShapeDtypeStruct((*y.shape, ds.num_classes), jnp.float32)
+    losses.check_loss_output(cfg.train.loss, jax.ShapeDtypeStruct(logits.shape, jnp.float32), y)
+
+
+def build_job(
+    cfg: Config,
+    *,
+    compile_train: bool = True,
+    model: Any = None,
+    data_source: Any = None,
+    dataset: Dataset | None = None,
+) -> Job:
     """Build the mesh, load the data, describe the state and compile the steps.
 
     Args:
         cfg: validated config.
         compile_train: compile the train step ahead of time (and time it); False leaves it to
             compile on first use (evaluation-only jobs never use it).
+        model: with a user's model (`model.target`), its class or factory itself instead of
+            importing the target (the Python API); None imports it.
+        data_source: with `data.source: python`, the loader itself or what it returns, instead
+            of importing `data.target` (the Python API's `data=`); None imports it.
+        dataset: the data set to use instead of building it from `cfg.data`: `accelctl plan`
+            passes one described by its shapes alone. It is fed from the host (cache mode host)
+            and nothing of it is read or placed on the devices.
     Returns:
         The Job; no train state exists yet.
     Raises:
         ConfigError / UserError: bad sizes for the devices, unreadable data, a model that
-            does not fit the data.
+            does not fit the data; a user's model or loss that cannot be imported or built, or
+            whose logits do not fit the labels (located at model.target / model.args /
+            train.loss, before anything is compiled).
     """
     mesh = parallel.make_mesh(cfg)
+    models.check_backend(cfg, mesh.devices.flat[0])  # before any data is read
     try:
-        ds = data.build(cfg.data)
+        _check_user_parts(cfg, model)
+        ds = data.build(cfg.data, obj=data_source) if dataset is None else dataset
     except FieldError as e:
         raise cfg.error_at(e.path, e.message) from None
     sizes = check_sizes(cfg, mesh, ds)
     check_inputs(cfg, ds)
-    ds, cache_mode, cache_reason = _place_data(cfg, mesh, ds)
+    if dataset is None:
+        ds, cache_mode, cache_reason = _place_data(cfg, mesh, ds)
+    else:
+        cache_mode, cache_reason = "host", "a data set given by its shapes (nothing placed)"
     opt = optim.build(cfg.optimizer, cfg.schedule, sizes.total_steps)
-    spec = make_state_spec(cfg, mesh, make_model_fn(cfg, ds), opt)
+    try:
+        spec = make_state_spec(cfg, mesh, make_model_fn(cfg, ds, model=model), opt)
+        call_rngs = True
+        if isinstance(cfg.model, CustomModelConfig):
+            abstract_model = nnx.merge(
+                spec.graphdef, spec.abstract.params, spec.abstract.model_state
+            )
+            call_rngs = custom.call_takes_rngs(abstract_model)
+    except FieldError as e:
+        raise cfg.error_at(e.path, e.message) from None
     pmap = spec.strategy == "pmap"
     sc = StepConfig(
         graphdef=spec.graphdef,
@@ -193,7 +308,13 @@ def build_job(cfg: Config, *, compile_train: bool = True) -> Job:
         accumulate_steps=cfg.optimizer.accumulate_steps,
         micro_sharding=None if pmap else parallel.micro_batch_sharding(mesh),
         axis_name="data" if pmap else None,
+        call_rngs=call_rngs,
+        remat=models.forward_remat(cfg.model),
     )
+    try:
+        _check_outputs(cfg, sc, spec, ds, model)
+    except FieldError as e:
+        raise cfg.error_at(e.path, e.message) from None
     feed = DataFeed.make(ds, mesh, sizes.batch, cache_mode, cache_reason, pmap=pmap)
     steps = compile_steps(sc, spec, feed, mesh, sizes, compile_train=compile_train)
     return Job(cfg=cfg, mesh=mesh, sizes=sizes, feed=feed, state=spec, steps=steps)

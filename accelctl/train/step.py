@@ -16,8 +16,9 @@ import optax
 from flax import nnx
 
 from accelctl.data.augment import augment_images
+from accelctl.models.layers import checkpointed
 from accelctl.optim import Optimizer
-from accelctl.train.losses import LOSSES, correct
+from accelctl.train.losses import correct, resolve_loss
 from accelctl.train.state import TRAIN_SUM_KEYS, TrainState, zero_sums
 
 Batch = dict[str, jax.Array]
@@ -29,7 +30,7 @@ class StepConfig:
 
     graphdef: nnx.GraphDef[Any]
     optimizer: Optimizer
-    loss: str
+    loss: str  # a built-in name or the user's import path (losses.resolve_loss)
     label_smoothing: float
     x_scale: float | None  # integer inputs are cast and scaled on device
     x_mean: tuple[float, ...] | None = None  # per channel (last axis), after scaling
@@ -40,6 +41,8 @@ class StepConfig:
     accumulate_steps: int = 1  # micro-batches per update (optimizer.accumulate_steps)
     micro_sharding: Any = None  # sharding of a (k, B/k, ...) micro-batch stack under jit
     axis_name: str | None = None  # pmap: the device axis gradients and sums are reduced over
+    call_rngs: bool = True  # the model's __call__ takes rngs= (a user's model may not)
+    remat: str = "none"  # checkpoint around the whole model call (models.forward_remat)
 
 
 def _num_targets(y: jax.Array) -> jax.Array:
@@ -77,7 +80,13 @@ def _forward(
     # copy=True: the states come from an outer trace; NNX variables must be fresh here.
     model = nnx.merge(sc.graphdef, params, model_state, copy=True)
     rngs = nnx.Rngs(dropout=dropout_key) if dropout_key is not None else None
-    logits = model(_inputs(x, sc), train=train, rngs=rngs)
+
+    def call(model: nnx.Module, x: jax.Array, rngs: nnx.Rngs | None) -> jax.Array:
+        kwargs = {"rngs": rngs} if sc.call_rngs else {}
+        return model(x, train=train, **kwargs)
+
+    # model.remat of a model without blocks of its own: one checkpoint around the whole call.
+    logits = checkpointed(call, sc.remat)(model, _inputs(x, sc), rngs)
     _, _, new_model_state = nnx.split(model, nnx.Param, ...)
     return logits, new_model_state
 
@@ -178,7 +187,7 @@ def _gradients(
         the gradient of the whole batch; `lax.scan` runs them one after another, so only one
         micro-batch's activations are alive at a time.
     """
-    loss_fn = LOSSES[sc.loss]
+    loss_fn = resolve_loss(sc.loss)
 
     def objective(params: nnx.State, model_state: nnx.State, x: Any, y: Any, key: Any) -> Any:
         logits, new_model_state = _forward(sc, params, model_state, x, train=True, dropout_key=key)
@@ -251,7 +260,7 @@ def make_eval_step(sc: StepConfig) -> Callable[[nnx.State, nnx.State, Batch, Bat
     Only the parameters and the model state are read, so evaluating a checkpoint never needs
     the optimizer state. batch: {"x", "y", "mask"}; padded rows have mask 0 and do not count.
     """
-    loss_fn = LOSSES[sc.loss]
+    loss_fn = resolve_loss(sc.loss)
 
     def eval_step(params: nnx.State, model_state: nnx.State, batch: Batch, sums: Batch) -> Batch:
         logits, _ = _forward(sc, params, model_state, batch["x"], train=False)
