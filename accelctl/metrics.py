@@ -193,6 +193,7 @@ class ProgressWriter:
             TextColumn("{task.fields[steps_per_s]} steps/s"),
             TextColumn("{task.fields[samples_per_s]} samples/s"),
             TextColumn("loss {task.fields[loss]}"),
+            TextColumn("acc {task.fields[accuracy]}"),
             TextColumn("ETA"),
             TimeRemainingColumn(),
             console=self._console,
@@ -200,7 +201,12 @@ class ProgressWriter:
         )
         self._progress.start()
         self._task = self._progress.add_task(
-            description, total=total_steps, steps_per_s="-", samples_per_s="-", loss="-"
+            description,
+            total=total_steps,
+            steps_per_s="-",
+            samples_per_s="-",
+            loss="-",
+            accuracy="-",
         )
 
     def write(self, event: Event) -> None:
@@ -221,6 +227,7 @@ class ProgressWriter:
                 steps_per_s=_fmt(rate, ".1f"),
                 samples_per_s=_fmt(event.get("samples_per_s"), ".0f"),
                 loss=_fmt(event.get("loss")),
+                accuracy=_fmt(event.get("accuracy")),
             )
             return
         remaining = (self._total - event["step"]) / rate if rate else None

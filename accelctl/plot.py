@@ -6,6 +6,7 @@ canvas is used: no pyplot, no display, no global backend switch.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 from collections.abc import Sequence
@@ -39,6 +40,7 @@ class RunMetrics:
     path: Path
     train: list[dict[str, Any]]
     eval: list[dict[str, Any]]
+    schedule: tuple[list[int], list[float]] | None = None  # lr at every step, when known
 
 
 def read_run(run_dir: Path, name: str | None = None) -> RunMetrics:
@@ -82,7 +84,37 @@ def read_run(run_dir: Path, name: str | None = None) -> RunMetrics:
             f"{path} holds no train events yet: there is nothing to plot (a run logs one every "
             "train.log_every steps)"
         )
-    return RunMetrics(name or run_dir.name, run_dir, events["train"], events["eval"])
+    run = RunMetrics(name or run_dir.name, run_dir, events["train"], events["eval"])
+    return dataclasses.replace(run, schedule=_schedule(run_dir, run.train))
+
+
+def _schedule(run_dir: Path, train: list[dict[str, Any]]) -> tuple[list[int], list[float]] | None:
+    """The learning rate at every step, from the run's config.yaml (logged points are one per
+    log interval, which hides a warm-up); None when it cannot be known: no readable config, or
+    ReduceLROnPlateau, whose scale depends on the losses (its logged points are drawn)."""
+    from accelctl import config, optim
+    from accelctl.errors import UserError
+
+    try:
+        cfg = config.load(run_dir / "config.yaml")
+    except UserError:
+        return None
+    if cfg.schedule.name == "plateau":
+        return None
+    total = 0
+    try:
+        total = int(json.loads((run_dir / "summary.json").read_text())["total_steps"])
+    except (OSError, ValueError, KeyError, TypeError):
+        total = max((int(e["step"]) for e in train), default=0)
+    if total <= 0:
+        return None
+    import numpy as np
+
+    fn = optim.make_schedule(cfg.schedule, cfg.optimizer.lr, total)
+    steps = np.unique(np.linspace(1, total, num=min(total, 2000)).astype(int))
+    # The step-s update uses lr(s - 1), as the logged lr does (train/step.py take_sums).
+    values = [float(v) for v in np.asarray(fn(steps - 1))]
+    return [int(x) for x in steps], values
 
 
 def _points(events: list[dict[str, Any]], key: str) -> tuple[list[int], list[float]]:
@@ -125,6 +157,9 @@ def make_figure(runs: Sequence[RunMetrics]) -> Any:
     colours = [f"C{i % 10}" for i in range(len(runs))]
     for ax, (title, key, ylabel, kinds) in zip(axes, PANELS, strict=True):
         for run, colour in zip(runs, colours, strict=True):
+            if key == "lr" and run.schedule is not None:
+                ax.plot(*run.schedule, color=colour, **_STYLE["train"])
+                continue
             for kind in kinds:
                 steps, values = _points(getattr(run, kind), key)
                 ax.plot(steps, values, color=colour, **_STYLE[kind])
