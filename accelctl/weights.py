@@ -232,7 +232,7 @@ def unflatten_into(
         raise UserError(
             f"the weights do not fit the model ({len(problems)} problems):{_listing(problems)}\n"
             "Load a file written for this model, or select what to load with include/exclude "
-            "patterns (or strict=False to skip missing and unknown names)."
+            "patterns (or turn strict off to skip missing and unknown names)."
         )
     # RNG variables are not weights: carried over untouched.
     rng = [

@@ -13,9 +13,12 @@ from accelctl.cli.configs import configs_command, init_command
 from accelctl.cli.data import app as data_app
 from accelctl.cli.env import env_command
 from accelctl.cli.eval import eval_command
+from accelctl.cli.export import export_command
+from accelctl.cli.generate import generate_command
 from accelctl.cli.launch import launch_command
 from accelctl.cli.plan import plan_command
 from accelctl.cli.plot import plot_command
+from accelctl.cli.predict import predict_command
 from accelctl.cli.train import train_command
 
 app = typer.Typer(
@@ -24,6 +27,8 @@ app = typer.Typer(
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
+    # Plain help (Typer's rich panels print flags as `<bool>` and types as `<int range>`).
+    rich_markup_mode=None,
 )
 
 
@@ -47,6 +52,9 @@ def _root(
 
 app.command("train")(train_command)
 app.command("eval")(eval_command)
+app.command("export")(export_command)
+app.command("predict")(predict_command)
+app.command("generate")(generate_command)
 app.command("plot")(plot_command)
 app.command("bench")(bench_command)
 app.command("plan")(plan_command)

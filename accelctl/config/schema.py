@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
@@ -54,6 +55,78 @@ def _remat_field(where: str) -> Any:
     )
 
 
+# ---------------------------------------------------------------------------------- init_from
+def _weights_path(value: str, info: ValidationInfo) -> str:
+    """A weights path made absolute: relative paths are resolved against the config file's
+    folder (validation context `base_dir`), as file targets are, so the resolved config in the
+    run directory still names the same file."""
+    if not value.strip():
+        raise ValueError("give the path of a weights file, a run directory or a checkpoint")
+    path = Path(value).expanduser()
+    if not path.is_absolute():
+        path = Path((info.context or {}).get("base_dir") or ".") / path
+    return str(path.resolve())
+
+
+WeightsPath = Annotated[Text, AfterValidator(_weights_path)]
+# A glob over flat weight names (`head.*`, `blocks.*.attn.*`).
+NamePattern = Annotated[str, Field(min_length=1, max_length=TEXT_MAX)]
+
+
+class InitFromConfig(_Section):
+    path: WeightsPath = Field(
+        description="What to start from: a file written by `accelctl export` (safetensors or "
+        "npz), a run directory, its checkpoints/ folder or a step folder checkpoints/<step> "
+        "(newest good checkpoint; parameters and model state only), or GPT-2 weights in the "
+        "Hugging Face layout (a model.safetensors, or a folder with it and config.json). "
+        "Relative to the config file's folder; stored absolute."
+    )
+    format: Literal["auto", "safetensors", "npz", "hf_gpt2", "checkpoint"] = Field(
+        "auto",
+        description="auto: a folder is a run/checkpoint (or a Hugging Face GPT-2 folder when it "
+        "holds config.json and model.safetensors), a file is read by its content (a file of "
+        "GPT-2 names, wte.weight, is read as hf_gpt2); hf_gpt2 needs model.name: transformer "
+        "with positions: learned and tie_embeddings: true, and its config.json dims must be "
+        "the model's.",
+    )
+    include: tuple[NamePattern, ...] = Field(
+        (),
+        max_length=LAYERS_MAX,
+        description="Load only the weights whose flat name (e.g. blocks.0.attn.query.kernel, "
+        "head.bias; see docs/weights.md) matches one of these glob patterns; empty: all.",
+    )
+    exclude: tuple[NamePattern, ...] = Field(
+        (),
+        max_length=LAYERS_MAX,
+        description="Do not load the weights matching these glob patterns: they keep the "
+        "run's own random initialisation (fine-tuning with a new head: exclude: [head.*]).",
+    )
+    strict: bool = Field(
+        True,
+        description="Every selected weight of the model must be in the source, every weight of "
+        "the source must be in the model (or deselected), and every pattern must match a name; "
+        "all problems are listed in one error before anything trains. false: missing weights "
+        "keep their random initialisation and unknown ones are ignored (shapes must still fit).",
+    )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _path_alone(cls, data: Any) -> Any:
+        # `init_from: PATH` is short for `init_from: {path: PATH}`.
+        return {"path": data} if isinstance(data, str) else data
+
+
+def _init_from_field() -> Any:
+    """The `init_from` field of a model section."""
+    return Field(
+        None,
+        description="Start a fresh run from saved weights instead of the random initialisation "
+        "(the optimizer starts fresh): a path (see init_from.path), or {path, format, include, "
+        "exclude, strict}. A resumed run restores its checkpoint and ignores this. null: random "
+        "initialisation from train.seed.",
+    )
+
+
 # ----------------------------------------------------------------------------------------- model
 class MLPConfig(_Section):
     name: Literal["mlp"] = Field(description="Multi-layer perceptron; inputs are flattened.")
@@ -67,6 +140,7 @@ class MLPConfig(_Section):
         0.0, description=f"Dropout rate after each hidden layer, train only ({FRACTION})."
     )
     remat: Remat = _remat_field("one checkpoint around the whole forward pass")
+    init_from: InitFromConfig | None = _init_from_field()
 
 
 class CNNConfig(_Section):
@@ -96,6 +170,7 @@ class CNNConfig(_Section):
         0.0, description=f"Dropout rate in the dense head, train only ({FRACTION})."
     )
     remat: Remat = _remat_field("one checkpoint around the whole forward pass")
+    init_from: InitFromConfig | None = _init_from_field()
 
     @model_validator(mode="after")
     def _kernels_match(self) -> CNNConfig:
@@ -135,6 +210,7 @@ class ResNetConfig(_Section):
     )
     activation: Activation = Field("relu", description="Non-linearity after each batch norm.")
     remat: Remat = _remat_field("one checkpoint per residual block")
+    init_from: InitFromConfig | None = _init_from_field()
 
 
 class TransformerConfig(_Section):
@@ -172,6 +248,7 @@ class TransformerConfig(_Section):
         "JAX's choice; xla = plain XLA ops (any backend); cudnn = cuDNN's fused flash attention "
         "(NVIDIA GPUs, precision.compute bf16 or fp16, head size a multiple of 8).",
     )
+    init_from: InitFromConfig | None = _init_from_field()
 
     @model_validator(mode="after")
     def _heads_divide_width(self) -> TransformerConfig:
@@ -205,6 +282,7 @@ class CustomModelConfig(_Section):
         "accelctl adds rngs=, and dtype=/param_dtype= when the callable accepts them.",
     )
     remat: Remat = _remat_field("one checkpoint around the whole model call")
+    init_from: InitFromConfig | None = _init_from_field()
 
     @model_validator(mode="after")
     def _args_are_names(self) -> CustomModelConfig:

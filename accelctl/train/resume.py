@@ -34,6 +34,11 @@ ALLOWED_CHANGES = (
     "parallel.num_devices",
     "parallel.strategy",
     "parallel.mesh",
+    # How the same model is computed or where a fresh run took its weights from: neither
+    # changes the saved state's meaning (init_from is ignored when resuming).
+    "model.remat",
+    "model.attention",
+    "model.init_from",
 )
 _ABSENT = object()
 
