@@ -16,7 +16,10 @@ order and in one process:
   attention kernel the compiled step uses (cuDNN's fused one or XLA's);
 - host-to-device bandwidth of the workload's batch;
 - the real training loop (prefetch thread, host-fed batches) over the same number of steps:
-  its samples/s, input-wait fraction, and its throughput relative to the bare step.
+  its samples/s, input-wait fraction, and its throughput relative to the bare step;
+- with a profile folder: a jax.profiler trace of a repeat of the bare-step window (the timed
+  window itself stays free of the profiler's overhead) and its most expensive device
+  operations (`accelctl.profile`).
 """
 
 from __future__ import annotations
@@ -160,7 +163,33 @@ def _bare_step(job: Any, batch: Any, *, steps: int, warmup: int) -> dict[str, fl
         "mean": statistics.fmean(times),
         "pipelined": pipelined,
         "pipelined_steps": n,
+        "windows": windows,
     }
+
+
+def _profile_bare(job: Any, batch: Any, *, steps: int, log_dir: Path) -> dict[str, Any]:
+    """Trace `steps` bare steps, each synced as in the timed window, into `log_dir`.
+
+    Returns:
+        `accelctl.profile.summarize`'s dict (no input pipeline: input_wait_fraction None).
+    """
+    import jax
+
+    from accelctl import profile
+
+    state, train_step = job.state.init(), job.steps.train
+    state, _ = train_step(state, batch)  # the first call's work stays out of the trace
+    jax.block_until_ready(state)
+    profile.start_trace(log_dir)
+    try:
+        t0 = time.perf_counter()
+        for _ in range(steps):
+            state, _ = train_step(state, batch)
+            jax.block_until_ready(state)
+        wall = time.perf_counter() - t0
+    finally:
+        profile.stop_trace()
+    return profile.summarize(log_dir, steps=(1, steps), wall_s=wall, input_wait_s=None)
 
 
 def _h2d(job: Any, host_batch: dict[str, np.ndarray], repeats: int = 10) -> dict[str, float]:
@@ -176,12 +205,31 @@ def _h2d(job: Any, host_batch: dict[str, np.ndarray], repeats: int = 10) -> dict
 
 
 def _memory(compiled: Any, device: Any) -> dict[str, int | None]:
-    """The compiled step's memory per device, read as `accelctl plan` reads it."""
-    return compiled_memory(compiled, device)
+    """The compiled step's memory per device, read as `accelctl plan` reads it, and the device's
+    measured peak so far (`peak_bytes_in_use` of its memory stats; None where the backend keeps
+    none, e.g. the CPU). The peak is the process's: JAX cannot reset it, so it is this
+    workload's own only when the workload is the first (or only) one benchmarked."""
+    out = compiled_memory(compiled, device)
+    try:
+        stats = device.memory_stats() or {}
+    except Exception:  # noqa: BLE001 - backends without memory stats
+        stats = {}
+    peak = stats.get("peak_bytes_in_use")
+    out["peak_bytes_in_use"] = int(peak) if peak is not None else None
+    return out
 
 
-def bench_workload(name: str, cfg: Config, *, steps: int, warmup: int) -> dict[str, Any]:
-    """Measure one workload (see the module docstring). Returns one result row of the schema."""
+def bench_workload(
+    name: str, cfg: Config, *, steps: int, warmup: int, profile_dir: Path | None = None
+) -> dict[str, Any]:
+    """Measure one workload (see the module docstring). Returns one result row of the schema.
+
+    Args:
+        name, cfg: the workload.
+        steps, warmup: timed and untimed steps.
+        profile_dir: trace a repeat of the bare-step window into this folder (row field
+            `profile`); None = no trace (the field is None).
+    """
     from accelctl import data
     from accelctl.devices import peak_flops
     from accelctl.plan import attention_kernel, model_flops
@@ -197,6 +245,12 @@ def bench_workload(name: str, cfg: Config, *, steps: int, warmup: int) -> dict[s
     )
     batch = job.feed.train_put_fn(host_batch)
     bare = _bare_step(job, batch, steps=steps, warmup=warmup)
+    memory = _memory(job.steps.train, job.mesh.devices.flat[0])  # the peak of the bare steps
+    traced = (
+        _profile_bare(job, batch, steps=steps, log_dir=profile_dir)
+        if profile_dir is not None
+        else None
+    )
     devices = int(job.mesh.devices.size)
     device = job.mesh.devices.flat[0]
     tokens = job.dataset.input_shape[0] if job.dataset.tokens else None
@@ -241,6 +295,8 @@ def bench_workload(name: str, cfg: Config, *, steps: int, warmup: int) -> dict[s
         if tokens
         else None,
         "pipelined_samples_per_s": bare_rate,
+        # The repeated windows behind that median: their spread is this machine's noise.
+        "pipelined_windows_samples_per_s": [batch_size / w for w in bare["windows"]],
         "flops_per_step": flops or None,
         "model_flops_per_step": analytic,
         "flops_per_s": flops_per_s,
@@ -248,7 +304,7 @@ def bench_workload(name: str, cfg: Config, *, steps: int, warmup: int) -> dict[s
         "mfu": mfu_flops / bare["median"] / (peak * devices) if (peak and mfu_flops) else None,
         "mfu_flops": ("model" if analytic else "xla") if mfu_flops else None,
         "attention_kernel": attention_kernel(job.steps.train, cfg),
-        "memory": _memory(job.steps.train, device),
+        "memory": memory,
         "h2d": h2d,
         "loop": {
             "steps": n,
@@ -256,6 +312,7 @@ def bench_workload(name: str, cfg: Config, *, steps: int, warmup: int) -> dict[s
             "input_wait_fraction": loop["steady_input_wait_fraction"],
             "vs_bare_step": loop["train_samples_per_s"] / bare_rate,
         },
+        "profile": traced,
     }
 
 
@@ -302,11 +359,24 @@ def load_baseline(path: Path) -> dict[str, Any]:
     return data
 
 
+def _rate_and_noise(row: dict[str, Any]) -> tuple[float, float | None]:
+    """A row's compared rate (the median of its pipelined windows when it has them, else of its
+    synced steps) and its noise (the windows' spread over their median, percent), if known."""
+    windows = row.get("pipelined_windows_samples_per_s")
+    if isinstance(windows, list) and len(windows) > 1 and row.get("pipelined_samples_per_s"):
+        median = float(row["pipelined_samples_per_s"])
+        return median, 100.0 * (max(windows) - min(windows)) / median
+    return float(row["samples_per_s"]), None
+
+
 def compare(
     results: list[dict[str, Any]], baseline: dict[str, Any], tolerance_pct: float
 ) -> list[dict[str, Any]]:
-    """Rows whose samples/s fell more than `tolerance_pct` below the baseline's same row.
+    """Rows whose throughput fell more than `tolerance_pct` below the baseline's same row.
 
+    Each side is the median of its repeated pipelined windows where both rows have them (else
+    the median synced step), and each side's noise — how far its own windows spread — is
+    stated, so a drop can be read against what this machine varies by anyway.
     Rows match on (workload, batch_size, precision, devices); rows without a match are skipped.
     """
 
@@ -319,15 +389,22 @@ def compare(
         b = before.get(key(r))
         if b is None:
             continue
-        ratio = r["samples_per_s"] / b["samples_per_s"]
+        now, noise_now = _rate_and_noise(r)
+        then, noise_then = _rate_and_noise(b)
+        if noise_now is None or noise_then is None:  # compare like with like
+            now, then = float(r["samples_per_s"]), float(b["samples_per_s"])
+        ratio = now / then
+        noises = [n for n in (noise_now, noise_then) if n is not None]
         out.append(
             {
                 "workload": r["workload"],
                 "batch_size": r["batch_size"],
                 "precision": r["precision"],
-                "samples_per_s": r["samples_per_s"],
-                "baseline_samples_per_s": b["samples_per_s"],
+                "samples_per_s": now,
+                "baseline_samples_per_s": then,
                 "ratio": ratio,
+                "drop_pct": 100.0 * (1.0 - ratio),
+                "noise_pct": max(noises) if noises else None,
                 "regressed": ratio < 1.0 - tolerance_pct / 100.0,
             }
         )
@@ -342,6 +419,7 @@ def run_bench(
     steps: int = 50,
     warmup: int = 5,
     progress_fn: Any = None,
+    profile_dir: Path | None = None,
 ) -> dict[str, Any]:
     """Benchmark every workload at every batch size and precision (the `bench` command).
 
@@ -351,13 +429,16 @@ def run_bench(
         precisions: compute dtypes; None = ["fp32"].
         steps, warmup: timed steps and untimed warm-up steps.
         progress_fn: called with a line of text before each measurement.
+        profile_dir: trace each row's bare-step window into
+            `<profile_dir>/<workload>-b<batch>-<precision>/` (see `bench_workload`).
     Returns:
-        {"schema", "machine", "compile_cache", "results": [row, ...]}.
+        {"schema", "machine", "jax_version", "cpu_devices", "compile_cache", "results": [row,
+        ...]}.
     """
     import jax
 
     from accelctl import compile_cache
-    from accelctl.devices import describe_machine
+    from accelctl.devices import cpu_devices_report, describe_machine
 
     # A fresh cache folder: the first compile of each step is cold, the second one warm.
     cache_dir = Path(tempfile.mkdtemp(prefix="accelctl-bench-cache-"))
@@ -369,11 +450,19 @@ def run_bench(
                 cfg = _workload_config(base, batch=batch, precision=precision, steps=warmup + steps)
                 if progress_fn:
                     progress_fn(f"{name}: batch {cfg.train.batch_size}, {precision}")
-                rows.append(bench_workload(name, cfg, steps=steps, warmup=warmup))
+                traced = (
+                    profile_dir / f"{name}-b{cfg.train.batch_size}-{precision}"
+                    if profile_dir is not None
+                    else None
+                )
+                rows.append(
+                    bench_workload(name, cfg, steps=steps, warmup=warmup, profile_dir=traced)
+                )
     return {
         "schema": SCHEMA,
         "machine": describe_machine(),
         "jax_version": jax.__version__,
+        "cpu_devices": cpu_devices_report(jax.default_backend()),
         "compile_cache": str(cache_dir),
         "results": rows,
     }

@@ -1,17 +1,23 @@
-"""Devices: discovery (in a child process, or in this one), the host CPU device count, memory
-limits, and the peak FLOP/s and memory bandwidth tables per device kind. The `accelctl env`
-report is in envreport.py.
+"""Devices: discovery (in a child process, or in this one), the host CPU device count (and the
+`--cpu-devices auto` rule), memory limits, and the peak FLOP/s and memory bandwidth tables per
+device kind. The `accelctl env` report is in envreport.py.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import platform
+import re
 import subprocess
 import sys
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from accelctl.config import Config
 
 
 def cpu_model() -> str:
@@ -61,6 +67,295 @@ def set_cpu_devices(n: int) -> None:
             param="cpu_devices",
             value=n,
         ) from None
+
+
+# ----------------------------------------------------------------------- --cpu-devices auto
+# The auto rule, from docs/benchmarks/bench.md (2 cores, 1 vs 2 host devices): XLA:CPU runs each
+# convolution on one thread, so conv nets gain from one device per core (CNN 1.7-2.1x, ResNet-20
+# 1.3x); an MLP's sub-millisecond step loses more to the per-step all-reduce than it gains (0.5x).
+# Models are judged by their parameters: a 4-D (or 5-D) kernel is a 2-D (3-D) convolution's.
+AUTO_MAX_DEVICES = 8
+CONV_MODELS = ("cnn", "resnet")
+XLA_DEVICE_COUNT = re.compile(r"--xla_force_host_platform_device_count[= ](\d+)")
+
+
+@dataclass(frozen=True)
+class CpuDevices:
+    """How many XLA devices the host CPU is split into, and why (summary.json's cpu_devices).
+
+    Attributes:
+        count: the CPU device count (None: not known before JAX starts, e.g. an accelerator
+            backend is the default and the CPU count is JAX's own).
+        reason: one sentence saying why.
+        apply: whether `apply_cpu_devices` must set it (False: JAX already takes it from
+            XLA_FLAGS, JAX_NUM_CPU_DEVICES or this process's jax config, or leaves its default).
+    """
+
+    count: int | None
+    reason: str
+    apply: bool = False
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"count": self.count, "reason": self.reason}
+
+
+_chosen: CpuDevices | None = None
+
+
+def usable_cores() -> int:
+    """CPU cores this process may run on (its affinity mask where the OS has one)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
+
+
+def accelerator_plugins() -> list[str]:
+    """The JAX accelerator plugins installed (found as JAX finds them: the `jax_plugins` entry
+    points and namespace package, and libtpu), without importing or initialising any."""
+    from importlib import metadata
+
+    found = [ep.name for ep in metadata.entry_points(group="jax_plugins")]
+    try:
+        spec = importlib.util.find_spec("jax_plugins")
+    except (ImportError, ValueError):
+        spec = None
+    if spec is not None and spec.submodule_search_locations:
+        import pkgutil
+
+        found += [m.name for m in pkgutil.iter_modules(spec.submodule_search_locations)]
+    if importlib.util.find_spec("libtpu") is not None:
+        found.append("libtpu")
+    return sorted(set(found))
+
+
+def preset_count(xla_flags: str, env: str | None, configured: int) -> CpuDevices | None:
+    """A CPU device count the user set outside accelctl (kept as it is), or None.
+
+    Args:
+        xla_flags: the XLA_FLAGS variable.
+        env: the JAX_NUM_CPU_DEVICES variable, or None.
+        configured: `jax.config.jax_num_cpu_devices` (-1: not set).
+    """
+    m = XLA_DEVICE_COUNT.search(xla_flags)
+    if env and configured > 0:
+        return CpuDevices(configured, f"JAX_NUM_CPU_DEVICES={env} sets it")
+    if configured > 0:
+        return CpuDevices(configured, f"this process set jax_num_cpu_devices={configured}")
+    if m:
+        return CpuDevices(
+            int(m.group(1)), f"XLA_FLAGS sets --xla_force_host_platform_device_count={m.group(1)}"
+        )
+    return None
+
+
+def accelerator_default(platforms: str | None, plugins: list[str]) -> str | None:
+    """Why the default backend is (or may be) an accelerator, known without starting JAX; None
+    when it is the CPU.
+
+    Args:
+        platforms: JAX's `jax_platforms` setting (JAX_PLATFORMS), or None.
+        plugins: `accelerator_plugins()`.
+    """
+    if platforms:
+        first = platforms.split(",")[0].strip()
+        return None if first == "cpu" else f"JAX_PLATFORMS={platforms} puts {first} first"
+    if plugins:
+        return (
+            f"an accelerator plugin is installed ({', '.join(plugins)}), so the default backend "
+            "is that accelerator where one is present; only a CPU-only JAX is split "
+            "automatically (give a count to split the CPU anyway)"
+        )
+    return None
+
+
+def choose_cpu_devices(
+    requested: int | str, cfg: Config | None = None, *, multi_process: bool = False
+) -> CpuDevices:
+    """Decide the host CPU device count before JAX's backends start (`--cpu-devices`).
+
+    A count given wins; then one set outside accelctl (XLA_FLAGS'
+    `--xla_force_host_platform_device_count`, JAX_NUM_CPU_DEVICES, this process's jax config).
+    "auto" applies only when the CPU is the default backend (JAX_PLATFORMS starts with cpu, or no
+    accelerator plugin is installed: decided without starting any backend): a model with
+    convolutions (cnn, resnet, or the user's NNX model with 4-D/5-D kernels, found by
+    `jax.eval_shape`, which allocates and initialises nothing) gets one device per usable core
+    (2 to AUTO_MAX_DEVICES), fewer where the batch does not divide; everything else 1.
+
+    Args:
+        requested: a count >= 1, or "auto".
+        cfg: the config to train or the first to benchmark (auto reads its model and batch).
+        multi_process: a multi-process job (auto leaves each process's CPU as JAX has it).
+    Returns:
+        The decision; `apply_cpu_devices` carries it out.
+    Raises:
+        UserError: a count below 1, or something other than a count or "auto".
+    """
+    from accelctl.errors import UserError
+
+    if requested != "auto":
+        try:
+            n = int(requested)
+        except (TypeError, ValueError):
+            raise UserError(
+                "give a count of at least 1, or auto", param="cpu_devices", value=requested
+            ) from None
+        if n < 1:
+            raise UserError("give a count of at least 1, or auto", param="cpu_devices", value=n)
+        return CpuDevices(n, f"asked for {n}", apply=True)
+    import jax
+
+    preset = preset_count(
+        os.environ.get("XLA_FLAGS", ""),
+        os.environ.get("JAX_NUM_CPU_DEVICES"),
+        jax.config.jax_num_cpu_devices,
+    )
+    if preset is not None:
+        return preset
+    if backends_initialised():
+        return CpuDevices(None, "JAX's backends were already started: the count is JAX's")
+    accelerator = accelerator_default(jax.config.jax_platforms, accelerator_plugins())
+    if accelerator is not None:
+        return CpuDevices(None, accelerator)
+    if multi_process:
+        return CpuDevices(1, "a multi-process job: each process keeps one CPU device")
+    if cfg is None:
+        return CpuDevices(1, "no config to judge")
+    return _auto_rule(cfg)
+
+
+def choose_cpu_devices_for(requested: int | str, workloads: list[tuple[str, Config]]) -> CpuDevices:
+    """`choose_cpu_devices` for several workloads measured in one process (`bench`): the count is
+    process-wide, so auto splits the CPU only when every workload's rule agrees, else 1."""
+    first = choose_cpu_devices(requested, workloads[0][1] if workloads else None)
+    if requested != "auto" or not first.apply or len(workloads) < 2:
+        return first
+    each = [(name, _auto_rule(cfg)) for name, cfg in workloads]
+    counts = {c.count for _, c in each}
+    if len(counts) == 1:
+        return first
+    said = ", ".join(f"{name} {c.count}" for name, c in each)
+    return CpuDevices(
+        1,
+        f"auto: the workloads prefer different counts ({said}) and one process has one count: "
+        "one CPU device (benchmark them apart, or give a count)",
+        apply=True,
+    )
+
+
+def _auto_rule(cfg: Config) -> CpuDevices:
+    cores = min(usable_cores(), AUTO_MAX_DEVICES)
+    conv, what = _has_convolutions(cfg)
+    if not conv:
+        return CpuDevices(
+            1, f"auto: {what}; one CPU device (more only pay for convolutions)", apply=True
+        )
+    if cores < 2:
+        return CpuDevices(1, f"auto: {what}, but only one core is usable", apply=True)
+    par = cfg.parallel
+    if par.num_devices is not None or par.mesh.model > 1:
+        return CpuDevices(
+            1, f"auto: {what}, but parallel.num_devices/mesh.model choose the devices", apply=True
+        )
+    batch = cfg.train.batch_size
+    eval_batch = cfg.train.eval_batch_size or batch
+    k = cfg.optimizer.accumulate_steps
+    for n in range(cores, 1, -1):
+        if batch % (k * n) == 0 and eval_batch % n == 0:
+            fewer = "" if n == cores else f" (the batch does not divide over {cores})"
+            return CpuDevices(
+                n,
+                f"auto: {what}; one CPU device per core, {n} of {usable_cores()}{fewer} (XLA:CPU "
+                "runs each convolution on one thread)",
+                apply=True,
+            )
+    return CpuDevices(
+        1, f"auto: {what}, but batch {batch} does not divide over 2..{cores} devices", apply=True
+    )
+
+
+def _has_convolutions(cfg: Config) -> tuple[bool, str]:
+    """Whether the model convolves, and what it is (for the reason)."""
+    name = cfg.model.name
+    if name in CONV_MODELS:
+        return True, f"a {name} (convolutions)"
+    if name != "custom":
+        return False, f"a {name} (no convolutions)"
+    try:
+        shapes = _custom_param_shapes(cfg)
+    except Exception as e:  # noqa: BLE001 - the job builder reports a broken model properly
+        return False, f"the model {cfg.model.target} could not be inspected ({type(e).__name__})"
+    if shapes is None:
+        return False, f"the Linen model {cfg.model.target} (parameters known only on data)"
+    if any(len(s) in (4, 5) for s in shapes):
+        return True, f"the model {cfg.model.target} (convolution kernels)"
+    return False, f"the model {cfg.model.target} (no convolution kernels)"
+
+
+def _custom_param_shapes(cfg: Config) -> list[tuple[int, ...]] | None:
+    """Parameter shapes of the user's model, built under `jax.eval_shape` (abstract: nothing
+    allocated, no backend started); None for a Linen module without a data shape in the config
+    (it is initialised on one example)."""
+    import jax
+    from flax import nnx
+
+    from accelctl.models import custom
+
+    user = custom.resolve(cfg.model)
+    shape: tuple[int, ...] = ()
+    if user.kind == "linen":
+        d = cfg.data
+        if d.source == "synthetic":
+            shape = tuple(d.shape)
+        elif d.source == "tokens" and getattr(d, "kind", "") == "synthetic":
+            shape = (d.seq_len,)
+        else:
+            return None
+    tokens = cfg.data.source == "tokens"
+
+    def params() -> Any:
+        with nnx.use_eager_sharding(False):
+            model = custom.build(cfg.model, shape, rngs=nnx.Rngs(0), tokens=tokens)
+        return nnx.state(model, nnx.Param)
+
+    return [tuple(leaf.shape) for leaf in jax.tree.leaves(jax.eval_shape(params))]
+
+
+def apply_cpu_devices(choice: CpuDevices) -> None:
+    """Carry out a decision of `choose_cpu_devices` (before the first JAX computation) and keep
+    it for the run's summary (`cpu_devices_report`).
+
+    Raises:
+        UserError: the count cannot be set any more (JAX's backends already started).
+    """
+    global _chosen
+    if choice.apply and choice.count is not None:
+        set_cpu_devices(choice.count)
+    _chosen = choice
+
+
+def cpu_devices_report(platform: str) -> dict[str, Any]:
+    """summary.json's `cpu_devices`: {count, reason} for the run that just used `platform`.
+
+    Args:
+        platform: the run's platform (cpu, gpu, tpu).
+    """
+    import jax
+
+    try:
+        count: int | None = len(jax.devices("cpu"))
+    except RuntimeError:  # JAX_PLATFORMS without cpu
+        count = None
+    if _chosen is None:
+        reason = (
+            "JAX's own setting (jax_num_cpu_devices, JAX_NUM_CPU_DEVICES or XLA_FLAGS; only the "
+            "command line chooses a count)"
+        )
+    else:
+        reason = _chosen.reason
+    if platform != "cpu":
+        reason = f"the run is on {platform}: the CPU count does not matter ({reason})"
+    return {"count": count, "reason": reason}
 
 
 # Dense peak FLOP/s per device (no structured sparsity), from the vendors' datasheets. "fp32"

@@ -68,6 +68,46 @@ def _cuda_plugin() -> tuple[str | None, dict[str, int]]:
     return None, {}
 
 
+def _cuda_version(v: int) -> str:
+    """CUDA's version code as text: 13000 -> "13.0", 12080 -> "12.8"."""
+    return f"{v // 1000}.{v % 1000 // 10}"
+
+
+def _cudnn_version(v: int) -> str:
+    """cuDNN's version code as text: 91400 -> "9.14.0" (cuDNN 9: M*10000 + m*100 + p);
+    8907 -> "8.9.7" (cuDNN 8: M*1000 + m*100 + p)."""
+    major, rest = (v // 10000, v % 10000) if v >= 90000 else (v // 1000, v % 1000)
+    return f"{major}.{rest // 100}.{rest % 100}"
+
+
+def cuda_summary(
+    plugin: str | None, libraries: dict[str, int], packages: dict[str, str]
+) -> dict[str, Any]:
+    """Which CUDA plugin loads and the versions of what it runs on, readable.
+
+    Args:
+        plugin: the plugin module (jax_cuda13_plugin / jax_cuda12_plugin), or None.
+        libraries: the plugin's `_versions` codes (`cuda_libraries`).
+        packages: installed package versions (`packages`).
+    Returns:
+        {"plugin", "plugin_version", "cuda", "driver", "cudnn", "nccl", "nccl_from"}; None where
+        unknown. The plugin reports no NCCL version: it is the NVIDIA NCCL package's that the
+        plugin's CUDA major needs (nvidia-nccl-cu13 / -cu12).
+    """
+    major = "13" if plugin == "jax_cuda13_plugin" else "12" if plugin else None
+    nccl_pkg = f"nvidia-nccl-cu{major}" if major else None
+    lib = libraries.get
+    return {
+        "plugin": plugin,
+        "plugin_version": packages.get(f"jax-cuda{major}-plugin") if major else None,
+        "cuda": _cuda_version(lib("cuda_runtime")) if lib("cuda_runtime") else None,
+        "driver": _cuda_version(lib("cuda_driver")) if lib("cuda_driver") else None,
+        "cudnn": _cudnn_version(lib("cudnn")) if lib("cudnn") else None,
+        "nccl": packages.get(nccl_pkg) if nccl_pkg else None,
+        "nccl_from": f"the {nccl_pkg} package" if nccl_pkg and nccl_pkg in packages else None,
+    }
+
+
 def env_report() -> dict[str, Any]:
     """Everything a bug report about devices needs: versions, backends, devices, variables, traps.
 
@@ -77,7 +117,8 @@ def env_report() -> dict[str, Any]:
     Returns:
         {"python", "platform", "packages", "cuda_libraries", "backends_initialised_before",
         "default_backend", "backends": {name: {"devices", "kind", "memory_bytes"} or
-        {"error"}}, "process_count", "process_index", "environment", "warnings": [str]}.
+        {"error"}}, "process_count", "process_index", "environment", "warnings": [str],
+        "cuda": `cuda_summary`'s readable plugin, CUDA, driver, cuDNN and NCCL versions}.
     """
     import jax
 
@@ -112,6 +153,7 @@ def env_report() -> dict[str, Any]:
         "packages": packages,
         "cuda_plugin": plugin,
         "cuda_libraries": cuda_libs,
+        "cuda": cuda_summary(plugin, cuda_libs, packages),
         "backends_initialised_before": initialised_before,
         "default_backend": jax.default_backend(),
         "backends": backends,
@@ -171,7 +213,17 @@ def format_env_report(report: dict[str, Any]) -> str:
         "packages: " + ", ".join(f"{k} {v}" for k, v in report["packages"].items()),
     ]
     if report.get("cuda_plugin"):
-        lines.append(f"cuda plugin: {report['cuda_plugin']}")
+        c = report.get("cuda") or {}
+        parts = [
+            f"CUDA {c['cuda']}" if c.get("cuda") else None,
+            f"driver {c['driver']}" if c.get("driver") else None,
+            f"cuDNN {c['cudnn']}" if c.get("cudnn") else None,
+            f"NCCL {c['nccl']} ({c['nccl_from']})" if c.get("nccl") else "NCCL not found",
+        ]
+        version = f" {c['plugin_version']}" if c.get("plugin_version") else ""
+        lines.append(
+            f"cuda plugin: {report['cuda_plugin']}{version}: " + ", ".join(p for p in parts if p)
+        )
     if report["cuda_libraries"]:
         libs = ", ".join(f"{k} {v}" for k, v in report["cuda_libraries"].items())
         lines.append(f"cuda libraries: {libs}")

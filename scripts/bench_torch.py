@@ -13,6 +13,11 @@ median step time. Eager, and `torch.compile` where it works.
 
     pip install torch   # not an accelctl dependency
     python scripts/bench_torch.py --json torch.json [--accelctl bench.json --out report.md]
+    python scripts/bench_torch.py --device cuda --matmul-precision high --json torch.json
+
+`--device cuda` runs on the GPU (synchronising before each clock read). `--matmul-precision
+high` lets float32 matmuls use TF32 tensor cores, as XLA's default precision does on NVIDIA GPUs
+from Ampere on; PyTorch's own default is `highest` (plain FP32).
 
 With `--accelctl` (an `accelctl bench --json` result from the same machine) the Markdown report
 puts both side by side.
@@ -171,12 +176,21 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=50)
     ap.add_argument("--warmup", type=int, default=5)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument(
+        "--matmul-precision",
+        choices=["highest", "high"],
+        default="highest",
+        help="torch.set_float32_matmul_precision: high = TF32 on NVIDIA GPUs (XLA's default)",
+    )
     ap.add_argument("--json", type=Path, default=None)
     ap.add_argument("--accelctl", type=Path, default=None, help="accelctl bench --json result")
     ap.add_argument("--out", type=Path, default=None, help="Markdown report (needs --accelctl)")
     args = ap.parse_args()
     torch.set_num_threads(os.cpu_count() or 1)
+    torch.set_float32_matmul_precision(args.matmul_precision)
     device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        sys.exit("scripts/bench_torch.py --device cuda: PyTorch sees no CUDA device")
     rows = []
     for name in args.workloads:
         for mode in args.modes:
@@ -186,7 +200,14 @@ def main() -> None:
                 r = {"workload": name, "mode": mode, "error": f"{type(e).__name__}: {e}"[:300]}
             rows.append(r)
             print(json.dumps(r), flush=True)
-    result = {"torch": torch.__version__, "device": str(device), "results": rows}
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    result = {
+        "torch": torch.__version__,
+        "device": str(device),
+        "device_name": name,
+        "matmul_precision": args.matmul_precision,
+        "results": rows,
+    }
     if args.json:
         args.json.write_text(json.dumps(result, indent=2) + "\n")
     if args.out and args.accelctl:
@@ -194,7 +215,11 @@ def main() -> None:
 
 
 def write_report(args: argparse.Namespace, torch_result: dict, accel: dict) -> None:
-    ours = {r["workload"]: r for r in accel["results"] if r["batch_size"] == args.batch_size}
+    ours = {
+        r["workload"]: r
+        for r in accel["results"]
+        if r["batch_size"] == args.batch_size and r.get("precision", "fp32") == "fp32"
+    }
     lines = [
         "| workload | accelctl samples/s | PyTorch eager | PyTorch compile | "
         "accelctl / eager | accelctl / compile |",
@@ -211,7 +236,8 @@ def write_report(args: argparse.Namespace, torch_result: dict, accel: dict) -> N
         for mode in ("eager", "compile"):
             r = t.get(mode, {})
             ratios.append(f"{a / r['samples_per_s']:.2f}x" if a and "samples_per_s" in r else "-")
-        lines.append(f"| {name} | {a:.0f} | {cells[0]} | {cells[1]} | {ratios[0]} | {ratios[1]} |")
+        shown = f"{a:.0f}" if a else "-"
+        lines.append(f"| {name} | {shown} | {cells[0]} | {cells[1]} | {ratios[0]} | {ratios[1]} |")
     args.out.write_text("\n".join(lines) + "\n")
 
 

@@ -89,6 +89,7 @@ ROW_FIELDS = {
     "tokens_per_s",
     "tokens_per_s_per_device",
     "pipelined_samples_per_s",
+    "pipelined_windows_samples_per_s",
     "flops_per_step",
     "model_flops_per_step",
     "flops_per_s",
@@ -99,6 +100,7 @@ ROW_FIELDS = {
     "memory",
     "h2d",
     "loop",
+    "profile",
 }
 NESTED_FIELDS = {
     "compile_s": {"cold", "warm"},
@@ -110,6 +112,7 @@ NESTED_FIELDS = {
         "temp_bytes",
         "total_bytes",
         "device_limit_bytes",
+        "peak_bytes_in_use",
     },
     "h2d": {"bytes", "bytes_per_s"},
     "loop": {"steps", "samples_per_s", "input_wait_fraction", "vs_bare_step"},
@@ -276,6 +279,11 @@ def _scaled(result, factor, **extra):
     base = copy.deepcopy(result)
     for r in base["results"]:
         r["samples_per_s"] *= factor
+        if "pipelined_samples_per_s" in r:
+            r["pipelined_samples_per_s"] *= factor
+            r["pipelined_windows_samples_per_s"] = [
+                w * factor for w in r["pipelined_windows_samples_per_s"]
+            ]
     base.update(extra)
     return base
 
@@ -286,8 +294,13 @@ def test_compare_flags_a_2x_faster_baseline(result):
     for row, r in zip(rows, result["results"], strict=True):
         assert row["regressed"] is True
         assert row["ratio"] == pytest.approx(0.5)
-        assert row["samples_per_s"] == r["samples_per_s"]
-        assert row["baseline_samples_per_s"] == pytest.approx(2 * r["samples_per_s"])
+        # The medians of the repeated windows are compared, and the windows' spread stated.
+        assert row["samples_per_s"] == r["pipelined_samples_per_s"]
+        assert row["baseline_samples_per_s"] == pytest.approx(2 * r["pipelined_samples_per_s"])
+        assert row["drop_pct"] == pytest.approx(50.0)
+        windows = r["pipelined_windows_samples_per_s"]
+        spread = 100 * (max(windows) - min(windows)) / r["pipelined_samples_per_s"]
+        assert row["noise_pct"] == pytest.approx(spread)
         assert (row["workload"], row["batch_size"], row["precision"]) == (
             "tiny",
             r["batch_size"],
@@ -314,7 +327,10 @@ def test_compare_within_tolerance(result):
 def test_compare_skips_rows_without_a_match(result):
     base = copy.deepcopy(result)
     first, second = base["results"]
-    first["samples_per_s"] *= 10
+    first["pipelined_samples_per_s"] *= 10
+    first["pipelined_windows_samples_per_s"] = [
+        w * 10 for w in first["pipelined_windows_samples_per_s"]
+    ]
     second["devices"] = 4  # a different machine: no match
     base["results"].append({**first, "workload": "other"})
     rows = bench.compare(result["results"], base, 5)

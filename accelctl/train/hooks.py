@@ -1,18 +1,22 @@
 """The loop's hooks, each with its own cadence: metric reads, evaluation, preemption checks,
-checkpoints and progress. `add_standard_hooks` installs them in the order they must run after a
-step: read metrics, evaluate, decide whether to stop, checkpoint.
+checkpoints, progress and profiling. `add_standard_hooks` installs them in the order they must
+run after a step: stop a profile, read metrics, evaluate, decide whether to stop, checkpoint,
+start a profile.
 """
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import time
+from pathlib import Path
 from typing import Any
 
 import jax
 
 import accelctl
 from accelctl import data
+from accelctl import profile as profile_mod
 from accelctl.checkpoint import Checkpointer
 from accelctl.distributed import any_process
 from accelctl.train.loop import Interval, Loop, evaluate, every
@@ -120,12 +124,107 @@ def checkpoint_hook(checkpointer: Checkpointer) -> Any:
     return save
 
 
+class ProfileHook:
+    """Trace steps `window.start`..`window.last` with jax.profiler into `log_dir`.
+
+    The trace starts once step START-1 has finished on the device (so the trace holds the
+    window's device work alone) and stops once step START+COUNT-1 has; starting, stopping and
+    reading the trace are timed as "profile" (kept out of the throughput). What the host waited
+    for input over the window is the loop's input wait then less its input wait at the start.
+    """
+
+    def __init__(self, window: profile_mod.Window, log_dir: Path, *, top: int) -> None:
+        self.window, self.log_dir, self.top = window, log_dir, top
+        self.tracing = False
+        self.result: dict[str, Any] | None = None
+        self._t0 = self._wait0 = 0.0
+
+    def due_start(self, step: int) -> bool:
+        return step == self.window.start - 1
+
+    def due_stop(self, step: int) -> bool:
+        return step == self.window.last
+
+    def start(self, loop: Loop) -> None:
+        if self.tracing or self.result is not None:
+            return
+        jax.block_until_ready(loop.state)  # the steps before the window stay out of the trace
+        with loop.timings.timed("profile"):
+            profile_mod.start_trace(self.log_dir)
+        self.tracing = True
+        self._t0, self._wait0 = time.perf_counter(), _input_wait_s(loop)
+
+    def stop(self, loop: Loop) -> None:
+        """Stop the trace after the last traced step (or now, when the loop ended early)."""
+        if not self.tracing:
+            return
+        jax.block_until_ready(loop.state)  # the window's device work is in the trace
+        wall, wait = time.perf_counter() - self._t0, _input_wait_s(loop) - self._wait0
+        # Writing a large trace may legitimately take long: not a hang. After the loop (it
+        # stopped early) this time is no longer part of the loop's, so it is not subtracted.
+        running = loop.inputs is not None
+        timed = loop.timings.timed("profile") if running else contextlib.nullcontext()
+        with timed, _paused(loop.watchdog if running else None):
+            profile_mod.stop_trace()
+            self.tracing = False
+            self.result = profile_mod.summarize(
+                self.log_dir,
+                steps=(self.window.start, loop.done),
+                wall_s=wall,
+                input_wait_s=wait,
+                top=self.top,
+            )
+
+    def finish(self, loop: Loop) -> dict[str, Any] | None:
+        """The profile for the summary; stops a trace the loop left running (it stopped before
+        the window's end)."""
+        self.stop(loop)
+        return self.result
+
+
+def _input_wait_s(loop: Loop) -> float:
+    """Seconds the loop has waited for input so far (its final count once it has finished)."""
+    return loop.inputs.wait_time_s if loop.inputs is not None else loop.wait_s
+
+
+def add_profile_hooks(loop: Loop, request: profile_mod.Request) -> ProfileHook:
+    """Check the window against the run's steps and install the two halves of a ProfileHook:
+    the stop first (so a checkpoint or evaluation at the last traced step stays out of the
+    trace), the start later by `add_standard_hooks` (after those at step START-1).
+
+    Raises:
+        UserError (param "profile"): the window is not inside the steps this run trains.
+    """
+    profile_mod.check_window(request.window, first_step=loop.start_step, total=loop.total)
+    log_dir = request.log_dir
+    if jax.process_count() > 1:  # jax names the files by host; processes may share one
+        log_dir = log_dir / f"process_{jax.process_index()}"
+    hook = ProfileHook(request.window, log_dir, top=request.top)
+    loop.profiler = hook
+    loop.add_hook("profile_stop", hook.due_stop, hook.stop)
+    return hook
+
+
 def add_standard_hooks(
-    loop: Loop, *, checkpointer: Checkpointer | None, guard: PreemptionGuard | None
+    loop: Loop,
+    *,
+    checkpointer: Checkpointer | None,
+    guard: PreemptionGuard | None,
+    profile: profile_mod.Request | None = None,
 ) -> None:
-    """Install the hooks of a training run on `loop`, in the order they run after a step."""
+    """Install the hooks of a training run on `loop`, in the order they run after a step.
+
+    Args:
+        loop: the loop.
+        checkpointer: saves checkpoints at its cadence, or None.
+        guard: the preemption guard, or None.
+        profile: steps to trace (`train(..., profile=...)`), or None.
+    Raises:
+        UserError (param "profile"): a profile window outside the steps this run trains.
+    """
     tc, total = loop.job.cfg.train, loop.total
     spe = loop.job.sizes.steps_per_epoch
+    profiler = add_profile_hooks(loop, profile) if profile is not None else None
     loop.add_hook("progress", every(max(tc.log_every // 10, 1), total=total), _progress)
     loop.add_hook("metrics", every(tc.log_every, total=total), MetricsHook(loop))
     loop.add_hook("eval", every(tc.eval_every or spe, total=total), eval_hook)
@@ -139,6 +238,8 @@ def add_standard_hooks(
             return loop.stop is not None or checkpointer.due(step)
 
         loop.add_hook("checkpoint", due, checkpoint_hook(checkpointer))
+    if profiler is not None:
+        loop.add_hook("profile_start", profiler.due_start, profiler.start, at_start=True)
 
 
 def _progress(loop: Loop) -> None:
@@ -148,6 +249,4 @@ def _progress(loop: Loop) -> None:
 
 def _paused(watchdog: Any) -> Any:
     """The watchdog's pause() (a phase allowed to take long), or nothing without one."""
-    import contextlib
-
     return watchdog.pause() if watchdog is not None else contextlib.nullcontext()
