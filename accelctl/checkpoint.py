@@ -24,6 +24,7 @@ import jax
 
 from accelctl.config import CheckpointConfig
 from accelctl.errors import UserError
+from accelctl.fingerprints import fingerprints, path_str
 
 CHECKPOINT_DIR = "checkpoints"
 _TMP_MARK = ".orbax-checkpoint-tmp"
@@ -139,41 +140,6 @@ def complete_steps(directory: Path) -> list[int]:
     return sorted(int(p.name) for p in directory.iterdir() if p.is_dir() and p.name.isdigit())
 
 
-def _leaf_fingerprint(x: Any) -> Any:
-    """Two uint32 words of a leaf's exact bits: their sum and a position-weighted sum (mod 2^32).
-
-    Integer sums are exact in any reduction order and on any sharding, so the same values give
-    the same words on save and on restore; one flipped bit always changes the plain sum.
-    """
-    import jax.numpy as jnp
-
-    if jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):
-        x = jax.random.key_data(x)
-    if x.dtype == jnp.bool_:
-        x = x.astype(jnp.uint8)
-    unsigned = {1: jnp.uint8, 2: jnp.uint16, 4: jnp.uint32, 8: jnp.uint64}[x.dtype.itemsize]
-    bits = jax.lax.bitcast_convert_type(x, unsigned).reshape(-1)
-    if bits.dtype == jnp.uint64:  # both halves count
-        bits = jnp.concatenate([bits.astype(jnp.uint32), (bits >> 32).astype(jnp.uint32)])
-    bits = bits.astype(jnp.uint32)
-    weights = jnp.arange(1, bits.size + 1, dtype=jnp.uint32)
-    return jnp.stack([jnp.sum(bits, dtype=jnp.uint32), jnp.sum(bits * weights, dtype=jnp.uint32)])
-
-
-@jax.jit
-def _fingerprint_arrays(tree: Any) -> Any:
-    return jax.tree.map(_leaf_fingerprint, tree)
-
-
-def fingerprints(tree: Any) -> dict[str, list[int]]:
-    """{leaf path: [sum, weighted sum]} of a pytree of arrays, computed on the devices (only
-    the words come to the host). Stored in each checkpoint's metadata and checked on restore,
-    so flipped bytes inside array data are found instead of training on damaged weights."""
-    host = jax.device_get(_fingerprint_arrays(tree))
-    flat = jax.tree_util.tree_flatten_with_path(host)[0]
-    return {_path_str(p): [int(v) for v in leaf] for p, leaf in flat}
-
-
 def _verify(restored: Any, meta: dict[str, Any]) -> None:
     """Raise ValueError naming the first array whose bits differ from what was saved."""
     saved = meta.get("fingerprints")
@@ -280,18 +246,6 @@ class Checkpointer:
         self._mngr.close()
 
 
-def _path_str(path: tuple[Any, ...]) -> str:
-    parts = []
-    for k in path:
-        for attr in ("key", "name", "idx"):
-            if hasattr(k, attr):
-                parts.append(str(getattr(k, attr)))
-                break
-        else:
-            parts.append(str(k))
-    return ".".join(parts)
-
-
 def _shape(leaf: Any) -> tuple[int, ...]:
     dtype = getattr(leaf, "dtype", None)
     if dtype is not None and jax.dtypes.issubdtype(dtype, jax.dtypes.prng_key):
@@ -302,7 +256,7 @@ def _shape(leaf: Any) -> tuple[int, ...]:
 
 def _shapes(tree: Any) -> dict[str, tuple[int, ...]]:
     flat = jax.tree_util.tree_flatten_with_path(tree)[0]
-    return {_path_str(p): _shape(leaf) for p, leaf in flat}
+    return {path_str(p): _shape(leaf) for p, leaf in flat}
 
 
 def _nbytes(leaf: Any) -> int:

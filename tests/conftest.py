@@ -26,6 +26,19 @@ from accelctl.cli import app  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 
+# Source of `peak_rss_bytes()` for the `python -c` probes that measure a command's memory: the
+# peak resident set of the process's own memory (VmHWM). Not ru_maxrss: Linux carries a
+# vfork()ing parent's peak into the child's ru_maxrss across exec, so a probe started from a
+# large pytest process would report pytest's peak instead of its own.
+PEAK_RSS_SOURCE = """
+def peak_rss_bytes():
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    raise RuntimeError("no VmHWM in /proc/self/status")
+"""
+
 TINY = """
 model: {name: mlp, hidden: [16]}
 data: {source: synthetic, shape: [4, 4, 1], num_train: 256, num_eval: 100, num_classes: 4}

@@ -16,7 +16,7 @@ import accelctl.train as train_mod
 from accelctl import config
 from accelctl.train import train
 from accelctl.train.state import StateSpec
-from tests.conftest import ROOT
+from tests.conftest import PEAK_RSS_SOURCE, ROOT
 
 # An MLP whose train state (~2.4 MB of parameters, x3 with Adam) dwarfs everything else alive.
 BIG = """
@@ -30,9 +30,16 @@ checkpoint: {every_steps: 2}
 
 
 def _device_bytes() -> int:
-    """Bytes held on all devices by live jax arrays (every shard of every array)."""
+    """Bytes held on all devices by live jax arrays (every shard of every array), each device
+    buffer once: a sharded array's per-device views (`shard.data`, which jax keeps once made)
+    are live arrays of their own over the same buffers."""
     gc.collect()
-    return sum(s.data.nbytes for x in jax.live_arrays() for s in x.addressable_shards)
+    buffers = {
+        (s.device.id, s.data.unsafe_buffer_pointer()): s.data.nbytes
+        for x in jax.live_arrays()
+        for s in x.addressable_shards
+    }
+    return sum(buffers.values())
 
 
 def test_a_resume_holds_the_state_once(tmp_path, monkeypatch):
@@ -70,23 +77,28 @@ train: {batch_size: 64, steps: 1, log_every: 1, eval_every: 1}
 checkpoint: {async: false}
 output: {tensorboard: false}
 """
-PEAK_RSS = """
-import resource, sys
+PEAK_RSS = (
+    PEAK_RSS_SOURCE
+    + """
+import sys
 from accelctl.cli import main
 try:
     main()
 except SystemExit as e:
     code = e.code
-print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, file=sys.stderr)
+print(peak_rss_bytes(), file=sys.stderr)
 sys.exit(code)
 """
-BASELINE_RSS = """
-import resource
+)
+BASELINE_RSS = (
+    PEAK_RSS_SOURCE
+    + """
 import jax
 import accelctl.cli, accelctl.train.checkpoint_eval
 jax.numpy.zeros(1).block_until_ready()
-print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
+print(peak_rss_bytes())
 """
+)
 
 
 def _one_device_env() -> dict[str, str]:
@@ -141,7 +153,9 @@ def test_eval_of_a_54m_parameter_mlp_never_materialises_the_optimizer_state(tmp_
     assert evaluated.returncode == 0, evaluated.stderr[-3000:]
     assert json.loads(evaluated.stdout)["eval"] == summary["final_eval"]
     peak = int(evaluated.stderr.split()[-1])
-    # Adam's mu and nu alone would add 2x the parameters; the old path also built a fresh state.
+    # Measured: 2.46x (the restored parameters, and orbax's read buffers while restoring). With
+    # Adam's mu and nu restored too the state alone is 3x, 4x with those buffers; the old path
+    # (a fresh state, then the whole checkpoint) peaked at 8.4x.
     ratio = (peak - baseline) / param_bytes
     print(f"eval peak {peak / 1e6:.0f} MB, import baseline {baseline / 1e6:.0f} MB: {ratio:.2f}x")
-    assert peak < baseline + 2.5 * param_bytes, (peak, baseline, param_bytes)
+    assert peak < baseline + 3 * param_bytes, (peak, baseline, param_bytes)

@@ -8,7 +8,8 @@ from typing import Annotated, Any
 
 import typer
 
-from accelctl.cli.common import CpuDevices, Debug, JsonOut, run_guarded, write_json
+from accelctl.cli.common import Debug, JsonOut, run_guarded, write_json
+from accelctl.cli.train import CpuDevicesAuto, parse_cpu_devices, print_profile
 from accelctl.errors import UserError
 
 EXIT_REGRESSION = 4
@@ -18,19 +19,30 @@ def bench_command(
     configs: Annotated[
         list[Path] | None,
         typer.Argument(
-            help="Config files; none = the built-in suite (MLP, CNN, ResNet-20, tiny GPT)."
+            help="Config files; none = the built-in suite (MLP, CNN, ResNet-20, tiny GPT).",
+            metavar="CONFIG",
         ),
     ] = None,
     batch_size: Annotated[
         list[int] | None,
-        typer.Option("--batch-size", help="Global batch size (repeatable); default: the config's."),
+        typer.Option(
+            "--batch-size",
+            help="Global batch size (repeatable); default: the config's.",
+            metavar="N",
+        ),
     ] = None,
     precision: Annotated[
         list[str] | None,
-        typer.Option("--precision", help="Compute dtype (repeatable): fp32, bf16, fp16."),
+        typer.Option(
+            "--precision",
+            help="Compute dtype (repeatable): fp32, bf16, fp16.",
+            metavar="fp32|bf16|fp16",
+        ),
     ] = None,
-    steps: Annotated[int, typer.Option("--steps", min=2, help="Timed steps.")] = 50,
-    warmup: Annotated[int, typer.Option("--warmup", min=0, help="Untimed warm-up steps.")] = 5,
+    steps: Annotated[int, typer.Option("--steps", min=2, help="Timed steps.", metavar="N")] = 50,
+    warmup: Annotated[
+        int, typer.Option("--warmup", min=0, help="Untimed warm-up steps.", metavar="N")
+    ] = 5,
     find_max_batch: Annotated[
         bool,
         typer.Option(
@@ -42,17 +54,34 @@ def bench_command(
     memory_limit: Annotated[
         float | None,
         typer.Option(
-            "--memory-limit", help="Bytes per device for --find-max-batch (CPU needs it)."
+            "--memory-limit",
+            help="Bytes per device for --find-max-batch (CPU needs it).",
+            metavar="BYTES",
         ),
     ] = None,
     baseline: Annotated[
         Path | None,
-        typer.Option("--baseline", help="A previous --json result: exit 4 on a regression."),
+        typer.Option(
+            "--baseline", help="A previous --json result: exit 4 on a regression.", metavar="FILE"
+        ),
     ] = None,
     tolerance: Annotated[
-        float, typer.Option("--tolerance", min=0, help="Allowed samples/s drop in percent.")
+        float,
+        typer.Option(
+            "--tolerance", min=0, help="Allowed samples/s drop in percent.", metavar="PERCENT"
+        ),
     ] = 5.0,
-    cpu_devices: CpuDevices = None,
+    cpu_devices: CpuDevicesAuto = "auto",
+    profile: Annotated[
+        Path | None,
+        typer.Option(
+            "--profile",
+            metavar="DIR",
+            help="Also trace a repeat of each workload's timed bare-step window with "
+            "jax.profiler into DIR/<workload>-b<batch>-<dtype>/ and print its most expensive "
+            "device operations.",
+        ),
+    ] = None,
     json_out: JsonOut = None,
     debug: Debug = False,
 ) -> None:
@@ -60,16 +89,23 @@ def bench_command(
 
     def go() -> dict[str, Any]:
         from accelctl import bench
-        from accelctl.devices import set_cpu_devices
+        from accelctl.devices import apply_cpu_devices, choose_cpu_devices_for
+        from accelctl.outputs import check_output_dir
         from accelctl.precision import COMPUTE_DTYPES
 
-        if cpu_devices is not None:
-            set_cpu_devices(cpu_devices)
+        requested = parse_cpu_devices(cpu_devices)
         for p in precision or []:
             if p not in COMPUTE_DTYPES:
                 raise UserError(f"--precision {p}: choose {', '.join(COMPUTE_DTYPES)}")
+        if profile is not None:
+            try:
+                check_output_dir(profile, param="profile")
+            except UserError as e:
+                raise UserError(f"--profile {profile}: {e.message}") from None
         prior = bench.load_baseline(baseline) if baseline else None
         workloads = _workloads(configs or [])
+        # The configs decide the CPU device count (auto), which must be set before JAX starts.
+        apply_cpu_devices(choose_cpu_devices_for(requested, workloads))
         if find_max_batch:
             limit = int(memory_limit) if memory_limit is not None else None
             return bench.find_max_batches(workloads, memory_limit=limit)
@@ -80,6 +116,7 @@ def bench_command(
             steps=steps,
             warmup=warmup,
             progress_fn=lambda line: print(f"bench {line}", file=sys.stderr, flush=True),
+            profile_dir=profile,
         )
         if prior is not None:
             result["baseline"] = {
@@ -89,7 +126,13 @@ def bench_command(
             }
         return result
 
-    result = run_guarded(go, debug=debug)
+    def guarded_go() -> dict[str, Any]:
+        from accelctl.memory.runtime import stop_on_out_of_memory
+
+        with stop_on_out_of_memory():  # a workload that runs out of memory: one clean message
+            return go()
+
+    result = run_guarded(guarded_go, debug=debug)
     if not write_json(result, json_out):
         _render(result)
     rows = result.get("baseline", {}).get("rows", [])
@@ -97,8 +140,14 @@ def bench_command(
     for r in regressed:
         print(
             f"regression: {r['workload']} batch {r['batch_size']} {r['precision']}: "
-            f"{r['samples_per_s']:.0f} samples/s vs {r['baseline_samples_per_s']:.0f} in the "
-            f"baseline ({r['ratio']:.1%}, tolerance {tolerance}%)",
+            f"{r['samples_per_s']:.0f} samples/s against {r['baseline_samples_per_s']:.0f} in "
+            f"the baseline, {r['drop_pct']:.1f}% slower (tolerance {tolerance}%"
+            + (
+                f"; the repeated windows of these runs spread by up to {r['noise_pct']:.1f}%"
+                if r.get("noise_pct") is not None
+                else ""
+            )
+            + ")",
             file=sys.stderr,
         )
     if regressed:
@@ -170,3 +219,11 @@ def _render(result: dict[str, Any]) -> None:
             f"{r['loop']['input_wait_fraction']:.1%}",
         )
     console.print(table)
+    cpu = result.get("cpu_devices")
+    if cpu and result["results"] and result["results"][0]["platform"] == "cpu":
+        console.print(f"CPU devices: {cpu['count']} ({cpu['reason']})", highlight=False)
+    for r in result["results"]:
+        if r.get("profile"):
+            print_profile(
+                r["profile"], title=f"{r['workload']} b{r['batch_size']} {r['precision']}"
+            )

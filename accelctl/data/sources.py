@@ -9,6 +9,7 @@ how to turn them into floats on the device (4x fewer bytes to move than float32)
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -16,6 +17,7 @@ from typing import Any, Protocol
 import numpy as np
 
 from accelctl.errors import FieldError, UserError
+from accelctl.memory import check_host_bytes
 
 
 @dataclass(frozen=True)
@@ -167,8 +169,43 @@ def load_digits(cfg: Any) -> Dataset:
     return Dataset("digits", train, ev, num_classes=10, x_scale=1.0 / 16.0)
 
 
+def synthetic_bytes(num: int, shape: tuple[int, ...], dtype: str, num_classes: int) -> int:
+    """Peak host bytes `make_synthetic` takes for `num` examples: the inputs, for uint8 inputs
+    also the float32 features the labels are computed from (two alive at once), the teacher and
+    its logits, and the labels."""
+    features = math.prod(shape)
+    if dtype == "uint8":
+        inputs = num * features * (1 + 2 * 4)
+    else:  # float32; the features are a view of the inputs
+        inputs = num * features * 4
+    return inputs + features * num_classes * 4 + num * (num_classes * 4 + 8 + 4)
+
+
+def _check_synthetic_size(cfg: Any) -> None:
+    """Refuse, before generating anything, a synthetic set the host memory cannot hold; the
+    error sits at the larger of data.num_train and data.num_eval."""
+    n = cfg.num_train + cfg.num_eval
+    need = synthetic_bytes(n, tuple(cfg.shape), cfg.dtype, cfg.num_classes)
+    field = "num_train" if cfg.num_train >= cfg.num_eval else "num_eval"
+    check_host_bytes(
+        need,
+        path=("data", field),
+        what=f"{n:,} examples (num_train + num_eval) of shape {list(cfg.shape)} ({cfg.dtype})",
+        fix_fn=lambda share: (
+            f"Lower data.{field} (at most about {int(n * share):,} examples in all fit) or "
+            "data.shape."
+        ),
+    )
+
+
 def make_synthetic(cfg: Any) -> Dataset:
-    """Random inputs with labels from a fixed random linear teacher (learnable, any shape)."""
+    """Random inputs with labels from a fixed random linear teacher (learnable, any shape).
+
+    Raises:
+        FieldError: on data.num_train (or num_eval): the set does not fit the host memory
+            available now (checked before anything is generated).
+    """
+    _check_synthetic_size(cfg)
     rng = np.random.default_rng(cfg.seed)
     n = cfg.num_train + cfg.num_eval
     if cfg.dtype == "uint8":

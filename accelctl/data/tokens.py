@@ -16,6 +16,7 @@ from accelctl.data.checks import check_data_file
 from accelctl.data.sources import Dataset, Split
 from accelctl.data.tokens_bin import load_bin_tokens
 from accelctl.errors import FieldError
+from accelctl.memory import check_host_bytes
 
 SYNTHETIC_TRAIN = 4096  # sequences generated when num_train / num_eval are null
 SYNTHETIC_EVAL = 256
@@ -62,10 +63,43 @@ def markov_sequences(
     return out
 
 
+def synthetic_token_bytes(num: int, seq_len: int, vocab_size: int) -> int:
+    """Peak host bytes `make_synthetic_tokens` takes: the sampled (num, seq_len + 1) int32
+    tokens, plus while sampling the chain's table (int64 successors, float64 probabilities)
+    and each step's per-sequence temporaries, or afterwards the contiguous x and y copies of
+    the splits, whichever is larger."""
+    k = min(SUCCESSORS, vocab_size)
+    sampling = vocab_size * k * (8 + 8 + 8) + num * (8 + k * 9 + 16)
+    copies = 2 * num * seq_len * 4
+    return num * (seq_len + 1) * 4 + max(sampling, copies)
+
+
 def make_synthetic_tokens(cfg: Any) -> Dataset:
-    """Train and eval sequences from one seeded Markov chain (independent sequences)."""
+    """Train and eval sequences from one seeded Markov chain (independent sequences).
+
+    Raises:
+        FieldError: on data.num_train (or num_eval, or seq_len when both are defaults): the
+            sequences do not fit the host memory available now (checked before sampling).
+    """
     n_train = cfg.num_train or SYNTHETIC_TRAIN
     n_eval = cfg.num_eval or SYNTHETIC_EVAL
+    n = n_train + n_eval
+    if cfg.num_train is None and cfg.num_eval is None:
+        field = "seq_len"
+    else:
+        field = "num_train" if n_train >= n_eval else "num_eval"
+    check_host_bytes(
+        synthetic_token_bytes(n, cfg.seq_len, cfg.vocab_size),
+        path=("data", field),
+        what=f"{n:,} sequences (num_train + num_eval) of seq_len + 1 = {cfg.seq_len + 1} tokens "
+        f"from a vocabulary of {cfg.vocab_size:,}",
+        fix_fn=lambda share: (
+            f"Lower data.{field} (at most about {int(n * share):,} sequences in all fit) "
+            "or data.seq_len."
+            if field != "seq_len"
+            else f"Lower data.seq_len (at most about {int(cfg.seq_len * share):,} fit)."
+        ),
+    )
     rng = np.random.default_rng([cfg.seed, 1])
     seqs = markov_sequences(
         n_train + n_eval, cfg.seq_len + 1, cfg.vocab_size, rng=rng, table_seed=cfg.seed
@@ -130,6 +164,16 @@ def load_text_tokens(cfg: Any) -> Dataset:
             f"seq_len + 1 = {t + 1} bytes with eval_fraction {f}; it needs at least {need} "
             "bytes. Use a longer file or lower data.seq_len.",
         )
+    # The bytes, then one int32 token id per byte for the windows.
+    check_host_bytes(
+        size * 5,
+        path=("data", "path"),
+        what=f"{path} ({size:,} bytes, read as {size:,} int32 token ids)",
+        fix_fn=lambda share: (
+            f"Use a shorter file (at most about {int(size * share):,} bytes fit) or a "
+            "pre-tokenised corpus (data.kind: bin), which is memory-mapped instead of read."
+        ),
+    )
     try:
         data = np.frombuffer(path.read_bytes(), np.uint8)
     except OSError as e:

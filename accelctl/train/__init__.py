@@ -7,105 +7,33 @@ its hooks, write the summary.
 
 from __future__ import annotations
 
-import contextlib
-import datetime as dt
 import json
-import os
 import sys
 import time
 import types
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from accelctl.checkpoint import CHECKPOINT_DIR, complete_steps, incomplete_checkpoints
+from accelctl.checkpoint import CHECKPOINT_DIR
 from accelctl.config import Config
-from accelctl.errors import (
-    AccelctlError,
-    OutputError,
-    Preempted,
-    UserError,
-    describe_output_failure,
+from accelctl.errors import Preempted, UserError
+from accelctl.train.rundir import (
+    check_run_dir,
+    check_run_dir_path,
+    default_run_dir,
+    open_writers,
+    stop_on_memory_errors,
+    stop_on_output_errors,
+    wants_resume,
+    write_atomically,
 )
 
-_OUTPUTS = ("config.yaml", "metrics.jsonl", "summary.json", CHECKPOINT_DIR)
-
-
-def default_run_dir(cfg: Config, config_name: str) -> Path:
-    """`<output.root>/<name>-<timestamp>/` with name = output.name or the config file's stem."""
-    stamp = dt.datetime.now().strftime("%Y%m%d-%H%M%S")
-    return Path(cfg.output.root) / f"{cfg.output.name or config_name}-{stamp}"
-
-
-def _check_run_dir_path(run_dir: Path) -> None:
-    """A run directory must be a folder the OS accepts and this process can create or write,
-    and must not lie inside another run's checkpoints/ (where `eval --checkpoint` of that run
-    would take it for a checkpoint)."""
-    from accelctl.outputs import check_output_dir
-
-    check_output_dir(run_dir, param="run_dir")
-    for parent in Path(os.path.abspath(run_dir)).parents:
-        if parent.name == CHECKPOINT_DIR and (parent.parent / "config.yaml").is_file():
-            raise UserError(
-                f"lies inside the checkpoints folder of the run in {parent.parent}; choose a "
-                "folder outside it",
-                param="run_dir",
-                value=run_dir,
-            )
-
-
-def _check_run_dir(run_dir: Path) -> None:
-    # An empty checkpoints/ folder (e.g. a mount point prepared for them) holds no run yet.
-    existing = [
-        name
-        for name in _OUTPUTS
-        if (run_dir / name).exists()
-        and not (
-            name == CHECKPOINT_DIR
-            and (run_dir / name).is_dir()
-            and not any((run_dir / name).iterdir())
-        )
-    ]
-    if existing:
-        raise UserError(
-            f"already holds a run ({', '.join(existing)}); nothing was overwritten. Continue it "
-            "with {resume}, choose a new {run_dir}, or leave it out for a fresh timestamped one.",
-            param="run_dir",
-            value=run_dir,
-        )
-    if run_dir.exists() and not run_dir.is_dir():
-        raise UserError(
-            "is a file, not a directory; choose another path", param="run_dir", value=run_dir
-        )
-
-
-def _make_run_dir(run_dir: Path) -> None:
-    try:
-        run_dir.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise UserError(
-            f"cannot create the run directory ({e})", param="run_dir", value=run_dir
-        ) from None
+__all__ = ["default_run_dir", "fit", "train"]
 
 
 def _stderr(message: str) -> None:
     print(f"accelctl: {message}", file=sys.stderr, flush=True)
-
-
-def _wants_resume(cfg: Config, run_dir: Path, resume: bool) -> tuple[bool, bool]:
-    """(resume from a checkpoint, restart a run that stopped before its first checkpoint)."""
-    ckpt_dir = run_dir / CHECKPOINT_DIR
-    found = bool(complete_steps(ckpt_dir) or incomplete_checkpoints(ckpt_dir))
-    if resume and not found:
-        if (run_dir / "config.yaml").is_file() and not (run_dir / "summary.json").exists():
-            return False, True  # killed before its first checkpoint: it starts again at step 0
-        raise UserError(
-            f"{run_dir} holds no run to continue (no checkpoints, no config.yaml); leave out "
-            "{resume} to start a fresh run there, or name the run directory that has them",
-            param="resume",
-            value="",
-        )
-    return resume or (cfg.checkpoint.resume == "auto" and found), False
 
 
 def _restore(job: Any, run_dir: Path, log_fn: Callable[[str], None]) -> tuple[Any, int, dict]:
@@ -146,46 +74,13 @@ def _restore(job: Any, run_dir: Path, log_fn: Callable[[str], None]) -> tuple[An
     return restored.state, start, event
 
 
-def _open_writers(cfg: Config, run_dir: Path, resume_event: dict | None, *, quiet: bool) -> Any:
-    """Process 0's writers (metrics.jsonl, TensorBoard, progress); a NullWriter elsewhere."""
-    import jax
-
-    from accelctl.metrics import (
-        TENSORBOARD_DIR,
-        JsonlWriter,
-        MetricWriter,
-        MultiWriter,
-        NullWriter,
-        ProgressWriter,
-        TensorBoardWriter,
-    )
-    from accelctl.train.resume import truncate_metrics
-
-    if jax.process_index() != 0:
-        return NullWriter()
-    _make_run_dir(run_dir)
-    (run_dir / "config.yaml").write_text(cfg.to_yaml(), encoding="utf-8")
-    start = resume_event["step"] if resume_event else None
-    if start is not None:
-        truncate_metrics(run_dir / "metrics.jsonl", start)
-    writers: list[MetricWriter] = [JsonlWriter(run_dir / "metrics.jsonl")]
-    if resume_event is not None:
-        writers[0].write(resume_event)
-    if cfg.output.tensorboard:
-        # metrics.jsonl keeps the events up to `start`; TensorBoard hides the later ones.
-        purge = None if start is None else start + 1
-        writers.append(TensorBoardWriter(run_dir / TENSORBOARD_DIR, purge_step=purge))
-    if not quiet:
-        writers.append(ProgressWriter())
-    return MultiWriter(writers)
-
-
 def fit(job: Any, state: Any = None, writer: Any = None) -> dict[str, Any]:
     """Train a built job in memory: no run directory, no checkpoints, no signal handling.
 
     Args:
         job: from `accelctl.train.job.build_job`.
-        state: the state to start from (its step is the start step); None = `job.state.init()`.
+        state: the state to start from (its step is the start step); None = the fresh state
+            (`init_from.initial_state`: random, or `model.init_from`'s weights).
         writer: receives the events (None: discarded).
     Returns:
         The summary, as `train` writes it (without run_dir); the final state is not returned.
@@ -194,13 +89,15 @@ def fit(job: Any, state: Any = None, writer: Any = None) -> dict[str, Any]:
 
     from accelctl.metrics import NullWriter
     from accelctl.train.hooks import add_standard_hooks
+    from accelctl.train.init_from import initial_state
     from accelctl.train.loop import Loop
     from accelctl.train.summary import summarize
 
-    state = job.state.init() if state is None else state
-    loop = Loop(job, state, writer or NullWriter(), start_step=int(jax.device_get(state.step)))
-    add_standard_hooks(loop, checkpointer=None, guard=None)
-    loop.run()
+    with stop_on_memory_errors(None):
+        state = initial_state(job) if state is None else state
+        loop = Loop(job, state, writer or NullWriter(), start_step=int(jax.device_get(state.step)))
+        add_standard_hooks(loop, checkpointer=None, guard=None)
+        loop.run()
     loop.writer.close()
     return summarize(job, loop, None, startup_s=0.0, setup_s=job.steps.compile_time_s)
 
@@ -214,6 +111,7 @@ def train(
     quiet: bool = False,
     model: Any = None,
     data: Any = None,
+    profile: str | None = None,
     description: str | None = None,
     log_fn: Callable[[str], None] = _stderr,
 ) -> dict[str, Any]:
@@ -238,13 +136,17 @@ def train(
             has them) plus rngs= (see accelctl/models/custom.py for the call contract).
         data: the user's data itself instead of `data.target`: a loader called with
             `data.args`, or what a loader returns ({"train": ..., "eval": ...}).
+        profile: "START:COUNT": trace those steps with jax.profiler into `<run_dir>/profile/`
+            and summarise the most expensive device operations (summary.json `profile`).
         description: progress-bar label (default: the config's name).
         log_fn: receives one-line notices (resume, fallbacks, allowed config changes).
     Returns:
         The summary (also written to run_dir/summary.json).
     Raises:
         UserError: bad input or an unusable checkpoint (exit 2); NonFiniteLoss (exit 3);
-            Preempted after a signal, once the checkpoint is written (exit 75).
+            Preempted after a signal, once the checkpoint is written (exit 75); OutOfMemory
+            (exit 5): refused before allocating when the sizes say it cannot fit, or XLA /
+            numpy ran out of memory (accelctl.memory).
     """
     from accelctl import config as config_mod
 
@@ -256,15 +158,17 @@ def train(
         raise UserError("overrides apply to a config file or name; got a Config object")
     cfg = _with_objects(config, model, data)
     run_dir = Path(run_dir) if run_dir is not None else default_run_dir(cfg, name)
-    return _train(
-        cfg,
-        run_dir,
-        resume=resume,
-        quiet=quiet,
-        objects={k: v for k, v in (("model", model), ("data_source", data)) if v is not None},
-        description=description or name,
-        log_fn=log_fn,
-    )
+    with stop_on_memory_errors(run_dir):
+        return _train(
+            cfg,
+            run_dir,
+            resume=resume,
+            quiet=quiet,
+            objects={k: v for k, v in (("model", model), ("data_source", data)) if v is not None},
+            profile=profile,
+            description=description or name,
+            log_fn=log_fn,
+        )
 
 
 def _with_objects(cfg: Config, model: Any, data: Any) -> Config:
@@ -274,8 +178,13 @@ def _with_objects(cfg: Config, model: Any, data: Any) -> Config:
 
     updates: dict[str, Any] = {}
     if model is not None:
-        args = cfg.model.args if cfg.model.name == "custom" else {}
-        updates["model"] = {"target": _qualname(model), "args": dict(args)}
+        current = cfg.to_dict()["model"]
+        updates["model"] = {
+            "target": _qualname(model),
+            "args": dict(current.get("args", {})) if current.get("name") == "custom" else {},
+            # How to compute and where to start from apply to whichever model it is.
+            **{k: current[k] for k in ("remat", "init_from") if k in current},
+        }
     if data is not None:
         current = cfg.to_dict()["data"]
         args = current.get("args", {}) if current.get("source") == "python" else {}
@@ -299,61 +208,32 @@ def _train(
     resume: bool,
     quiet: bool,
     objects: dict[str, Any],
+    profile: str | None,
     description: str,
     log_fn: Callable[[str], None],
 ) -> dict[str, Any]:
     """`train` for a resolved config and run directory (see there)."""
     import jax
 
-    from accelctl.train.hooks import add_standard_hooks
     from accelctl.train.job import build_job
-    from accelctl.train.loop import Loop
-    from accelctl.train.preempt import PreemptionGuard
     from accelctl.train.summary import process_age_s, summarize
-    from accelctl.train.watchdog import Watchdog
 
     startup_s, t0 = process_age_s(), time.perf_counter()
-    _check_run_dir_path(run_dir)
-    resuming, restart = _wants_resume(cfg, run_dir, resume)
+    check_run_dir_path(run_dir)
+    resuming, restart = wants_resume(cfg, run_dir, resume)
     if not resuming and not restart:
-        _check_run_dir(run_dir)
+        check_run_dir(run_dir)
     job = build_job(cfg, **objects)  # config/data errors surface before anything is written
-    state, start, resume_event = (
-        _restore(job, run_dir, log_fn) if resuming else (job.state.init(), 0, None)
-    )
-    if restart:
-        log_fn(
-            f"{run_dir} holds no checkpoint yet (the run stopped before its first one): "
-            "starting it again from step 0"
-        )
-        resume_event = {
-            "event": "resume",
-            "step": 0,
-            "checkpoint": None,
-            "notes": [],
-            "changes": [],
-        }
+    state, start, resume_event = _start_state(job, run_dir, resuming, restart, log_fn)
     if resume_event and start == job.sizes.total_steps and (run_dir / "summary.json").exists():
         log_fn("the run is already complete; nothing to do")
         return json.loads((run_dir / "summary.json").read_text())
+    request = _profile_request(profile, run_dir, start, job.sizes.total_steps)
     setup_s = time.perf_counter() - t0
-    with _stop_on_output_errors(run_dir):
-        writer = _open_writers(cfg, run_dir, resume_event, quiet=quiet)
+    with stop_on_output_errors(run_dir):
+        writer = open_writers(cfg, run_dir, resume_event, quiet=quiet)
     ckpt = _checkpointer(job, run_dir)
-    loop = Loop(job, state, writer, start_step=start, description=description)
-    dump_dir = run_dir if jax.process_index() == 0 else None
-    with _stop_on_output_errors(run_dir):
-        try:
-            with PreemptionGuard() as guard, Watchdog(cfg.train.hang_timeout, dump_dir) as dog:
-                loop.watchdog = dog
-                add_standard_hooks(loop, checkpointer=ckpt, guard=guard)
-                loop.run()
-        except BaseException:
-            _close_quietly(writer, ckpt)  # the first error is the one to report
-            raise
-        writer.close()
-        if ckpt is not None:
-            ckpt.close()  # pending async writes complete before the process goes on or exits
+    loop = _run_loop(job, state, writer, ckpt, start, description, request, run_dir)
     final_eval_s = _final_eval(job, loop)
     summary = summarize(
         job, loop, ckpt, startup_s=startup_s, setup_s=setup_s, final_eval_s=final_eval_s
@@ -362,16 +242,85 @@ def _train(
     if loop.stop:
         raise _preempted(loop, summary["checkpoint"], run_dir)
     if jax.process_index() == 0:
-        with _stop_on_output_errors(run_dir):
-            _write_atomically(run_dir / "summary.json", json.dumps(summary, indent=2) + "\n")
+        with stop_on_output_errors(run_dir):
+            write_atomically(run_dir / "summary.json", json.dumps(summary, indent=2) + "\n")
     return summary
 
 
-def _write_atomically(path: Path, text: str) -> None:
-    """Write a file through a temporary one in the same folder: readers never see half of it."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
+def _start_state(
+    job: Any, run_dir: Path, resuming: bool, restart: bool, log_fn: Callable[[str], None]
+) -> tuple[Any, int, dict | None]:
+    """(state, start step, the `resume` event or None): restored from the newest good
+    checkpoint, or fresh (random, or `model.init_from`'s weights)."""
+    from accelctl.train.init_from import initial_state
+
+    if resuming:
+        if getattr(job.cfg.model, "init_from", None) is not None:
+            log_fn("model.init_from is ignored: a resumed run continues from its own checkpoint")
+        return _restore(job, run_dir, log_fn)
+    state = initial_state(job, log_fn=log_fn)
+    if not restart:
+        return state, 0, None
+    log_fn(
+        f"{run_dir} holds no checkpoint yet (the run stopped before its first one): "
+        "starting it again from step 0"
+    )
+    event = {"event": "resume", "step": 0, "checkpoint": None, "notes": [], "changes": []}
+    return state, 0, event
+
+
+def _profile_request(profile: str | None, run_dir: Path, start: int, total: int) -> Any:
+    """The profiler window `START:COUNT`, checked before anything is written into the run
+    directory; None without --profile."""
+    from accelctl import profile as profile_mod
+
+    if profile is None:
+        return None
+    try:
+        window = profile_mod.parse_window(profile)
+    except ValueError as e:
+        raise UserError(str(e), param="profile", value=profile) from None
+    profile_mod.check_window(window, first_step=start, total=total)
+    return profile_mod.Request(window, run_dir / "profile")
+
+
+def _run_loop(
+    job: Any,
+    state: Any,
+    writer: Any,
+    ckpt: Any,
+    start: int,
+    description: str,
+    request: Any,
+    run_dir: Path,
+) -> Any:
+    """Run the loop with its hooks under the preemption guard and the hang watchdog; writers
+    and checkpointer are closed (pending writes done) before it returns or raises."""
+    import jax
+
+    from accelctl import profile as profile_mod
+    from accelctl.train.hooks import add_standard_hooks
+    from accelctl.train.loop import Loop
+    from accelctl.train.preempt import PreemptionGuard
+    from accelctl.train.watchdog import Watchdog
+
+    loop = Loop(job, state, writer, start_step=start, description=description)
+    dump_dir = run_dir if jax.process_index() == 0 else None
+    with stop_on_output_errors(run_dir):
+        try:
+            with PreemptionGuard() as guard, Watchdog(job.cfg.train.hang_timeout, dump_dir) as dog:
+                loop.watchdog = dog
+                add_standard_hooks(loop, checkpointer=ckpt, guard=guard, profile=request)
+                loop.run()
+        except BaseException:
+            _close_quietly(writer, ckpt)  # the first error is the one to report
+            raise
+        finally:
+            profile_mod.stop_if_running()  # a trace a failed run left running is written
+        writer.close()
+        if ckpt is not None:
+            ckpt.close()  # pending async writes complete before the process goes on or exits
+    return loop
 
 
 def _close_quietly(writer: Any, ckpt: Any) -> None:
@@ -384,30 +333,6 @@ def _close_quietly(writer: Any, ckpt: Any) -> None:
             close()
         except Exception:  # noqa: BLE001, S110 - the error being raised says what went wrong
             pass
-
-
-@contextlib.contextmanager
-def _stop_on_output_errors(run_dir: Path) -> Iterator[None]:
-    """Turn a failure to write into the run directory (disk full, read-only, removed) into one
-    OutputError naming the path and the last complete checkpoint (exit 74)."""
-    try:
-        yield
-    except AccelctlError:
-        raise
-    except Exception as e:
-        reason = describe_output_failure(e)
-        if reason is None:
-            raise
-        steps = complete_steps(run_dir / CHECKPOINT_DIR)
-        last = (
-            f"The last complete checkpoint is {run_dir / CHECKPOINT_DIR / str(steps[-1])} "
-            f"(step {steps[-1]}): free space or fix the folder, then continue with {{resume}}."
-            if steps
-            else "No checkpoint was completed; free space or fix the folder and start again."
-        )
-        raise OutputError(
-            f"could not write into the run directory {run_dir}: {reason}. Training stopped. {last}"
-        ) from None
 
 
 def _checkpointer(job: Any, run_dir: Path) -> Any:

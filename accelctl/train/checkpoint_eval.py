@@ -9,6 +9,7 @@ from typing import Any
 from accelctl import checkpoint, config
 from accelctl.checkpoint import IncompatibleCheckpoint
 from accelctl.config import Config
+from accelctl.memory import stop_on_out_of_memory
 from accelctl.train.resume import config_changes
 
 
@@ -28,6 +29,8 @@ def evaluate_checkpoint(
     Raises:
         UserError: nothing checkpoint-like at `path`, unreadable checkpoints, or a config whose
             model differs from the checkpoint's.
+        OutOfMemory: the parameters or an eval batch do not fit the devices or the host
+            (refused before allocating where the sizes say so, else when XLA or numpy fails).
     """
     from accelctl.train.job import build_job
     from accelctl.train.loop import evaluate
@@ -37,8 +40,6 @@ def evaluate_checkpoint(
         meta = checkpoint.read_meta(directory, step)
         where = f"{directory}/{meta.get('step', '?')}/meta:config"
         cfg = config.from_dict(meta["config"], where, overrides)
-    # Nothing of the train state is allocated: only params and model state are restored.
-    job = build_job(cfg, compile_train=False)
 
     def same_model(meta: dict[str, Any], where: Path) -> None:
         _, refused = config_changes(meta["config"], cfg.to_dict())
@@ -49,10 +50,13 @@ def evaluate_checkpoint(
                 f"{'; '.join(model)}; leave out the config to use the checkpoint's own"
             )
 
-    restored = checkpoint.restore(
-        directory, job.state.eval_target(), step=step, check_meta_fn=same_model, partial=True
-    )
-    metrics = evaluate(job, restored.state["params"], restored.state["model_state"])
+    with stop_on_out_of_memory():
+        # Nothing of the train state is allocated: only params and model state are restored.
+        job = build_job(cfg, compile_train=False)
+        restored = checkpoint.restore(
+            directory, job.state.eval_target(), step=step, check_meta_fn=same_model, partial=True
+        )
+        metrics = evaluate(job, restored.state["params"], restored.state["model_state"])
     metrics.pop("_sums")
     return {
         "checkpoint": str(restored.path),

@@ -9,8 +9,9 @@ exists yet: the caller initialises it (`job.state.init()`) or restores a checkpo
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -19,7 +20,7 @@ import jax.numpy as jnp
 from flax import nnx
 from jax.sharding import Mesh
 
-from accelctl import data, models, optim, parallel, precision
+from accelctl import data, memory, models, optim, parallel, precision
 from accelctl.config import Config, ConfigError
 from accelctl.config.base import INT32_MAX
 from accelctl.config.schema import CustomModelConfig
@@ -267,34 +268,64 @@ def build_job(
         ConfigError / UserError: bad sizes for the devices, unreadable data, a model that
             does not fit the data; a user's model or loss that cannot be imported or built, or
             whose logits do not fit the labels (located at model.target / model.args /
-            train.loss, before anything is compiled).
+            train.loss, before anything is compiled); an eval batch larger than the host
+            memory (located at train.eval_batch_size).
+        OutOfMemory: (not with `dataset`) the train state, or the compiled train or eval
+            step, cannot fit the devices' memory (accelctl.memory), before any is allocated.
     """
     mesh = parallel.make_mesh(cfg)
     models.check_backend(cfg, mesh.devices.flat[0])  # before any data is read
-    try:
+    with _located(cfg):
         _check_user_parts(cfg, model)
         ds = data.build(cfg.data, obj=data_source) if dataset is None else dataset
-    except FieldError as e:
-        raise cfg.error_at(e.path, e.message) from None
     sizes = check_sizes(cfg, mesh, ds)
     check_inputs(cfg, ds)
     if dataset is None:
+        with _located(cfg):
+            memory.check_eval_batch(
+                cfg, ds, sizes.eval_batch, mesh.shape["data"], jax.process_count()
+            )
         ds, cache_mode, cache_reason = _place_data(cfg, mesh, ds)
     else:
         cache_mode, cache_reason = "host", "a data set given by its shapes (nothing placed)"
     opt = optim.build(cfg.optimizer, cfg.schedule, sizes.total_steps)
-    try:
+    with _located(cfg):
         spec = make_state_spec(cfg, mesh, make_model_fn(cfg, ds, model=model), opt)
-        call_rngs = True
-        if isinstance(cfg.model, CustomModelConfig):
+    if dataset is None:  # a plan (given shapes) reports what does not fit instead
+        memory.check_state(spec, mesh, eval_only=not compile_train)
+    sc = _step_config(cfg, spec, ds, opt, mesh)
+    with _located(cfg):
+        _check_outputs(cfg, sc, spec, ds, model)
+    feed = DataFeed.make(
+        ds, mesh, sizes.batch, cache_mode, cache_reason, pmap=sc.axis_name is not None
+    )
+    steps = compile_steps(sc, spec, feed, mesh, sizes, compile_train=compile_train)
+    job = Job(cfg=cfg, mesh=mesh, sizes=sizes, feed=feed, state=spec, steps=steps)
+    if dataset is None and compile_train:
+        memory.check_step(job, model=model)  # before the first step, from XLA's analysis
+    return job
+
+
+@contextlib.contextmanager
+def _located(cfg: Config) -> Iterator[None]:
+    """A FieldError raised inside becomes a ConfigError located at its field's line."""
+    try:
+        yield
+    except FieldError as e:
+        raise cfg.error_at(e.path, e.message) from None
+
+
+def _step_config(cfg: Config, spec: StateSpec, ds: Dataset, opt: Any, mesh: Mesh) -> StepConfig:
+    """What the pure steps need to know, from the config, the state and the data."""
+    pmap = spec.strategy == "pmap"
+    call_rngs = True
+    if isinstance(cfg.model, CustomModelConfig):
+        with _located(cfg):
             abstract_model = nnx.merge(
                 spec.graphdef, spec.abstract.params, spec.abstract.model_state
             )
             call_rngs = custom.call_takes_rngs(abstract_model)
-    except FieldError as e:
-        raise cfg.error_at(e.path, e.message) from None
-    pmap = spec.strategy == "pmap"
-    sc = StepConfig(
+    return StepConfig(
         graphdef=spec.graphdef,
         optimizer=opt,
         loss=cfg.train.loss,
@@ -311,10 +342,3 @@ def build_job(
         call_rngs=call_rngs,
         remat=models.forward_remat(cfg.model),
     )
-    try:
-        _check_outputs(cfg, sc, spec, ds, model)
-    except FieldError as e:
-        raise cfg.error_at(e.path, e.message) from None
-    feed = DataFeed.make(ds, mesh, sizes.batch, cache_mode, cache_reason, pmap=pmap)
-    steps = compile_steps(sc, spec, feed, mesh, sizes, compile_train=compile_train)
-    return Job(cfg=cfg, mesh=mesh, sizes=sizes, feed=feed, state=spec, steps=steps)
