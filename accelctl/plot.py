@@ -113,7 +113,8 @@ def _schedule(run_dir: Path, train: list[dict[str, Any]]) -> tuple[list[int], li
     fn = optim.make_schedule(cfg.schedule, cfg.optimizer.lr, total)
     steps = np.unique(np.linspace(1, total, num=min(total, 2000)).astype(int))
     # The step-s update uses lr(s - 1), as the logged lr does (train/step.py take_sums).
-    values = [float(v) for v in np.asarray(fn(steps - 1))]
+    # A constant schedule returns one number whatever its input: broadcast it to every step.
+    values = [float(v) for v in np.broadcast_to(np.asarray(fn(steps - 1)), steps.shape)]
     return [int(x) for x in steps], values
 
 

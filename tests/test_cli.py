@@ -227,3 +227,18 @@ def test_resume_of_a_finished_run_is_a_no_op(tiny_file, tmp_path):
     assert result.exit_code == 0, result.output
     assert "already complete" in result.output
     assert (run_dir / "summary.json").read_text() == summary
+
+
+def test_every_help_names_its_values_plainly():
+    """Flags show no `<bool>`, values no raw Python types (`<list[str]>`, `<int range>`)."""
+    import re
+
+    from accelctl.cli import app
+
+    commands = [c.name for c in app.registered_commands] + ["data ls", "data prepare"]
+    for command in commands:
+        result = invoke(*command.split(), "--help")
+        assert result.exit_code == 0, (command, result.output)
+        options = result.output.split("Options:")[-1]
+        bad = re.findall(r"^\s+-[^\n]*?<(?:bool|str|int|float|list|path)[^>]*>", options, re.M)
+        assert not bad, (command, bad)

@@ -43,13 +43,16 @@ JsonOut = Annotated[
         "--json",
         help="Also write the result as JSON to PATH ('-': stdout).",
         callback=_check_json_out,
+        metavar="PATH|-",
     ),
 ]
 Debug = Annotated[bool, typer.Option("--debug", help="Show tracebacks for input errors too.")]
 SetOverrides = Annotated[
     list[str] | None,
     typer.Option(
-        "--set", help="Override a config field, e.g. --set optimizer.lr=3e-4 (repeatable)."
+        "--set",
+        help="Override a config field, e.g. --set optimizer.lr=3e-4 (repeatable).",
+        metavar="KEY=VALUE",
     ),
 ]
 CpuDevices = Annotated[
@@ -59,6 +62,7 @@ CpuDevices = Annotated[
         min=1,
         help="Split the host CPU into N devices (XLA:CPU runs each convolution on one thread; "
         "N = cores lets a conv net use them all). Default: JAX's (1, or JAX_NUM_CPU_DEVICES).",
+        metavar="N|auto",
     ),
 ]
 

@@ -17,7 +17,10 @@ DEFAULT_WORKLOAD = "mnist_cnn"
 def compare_command(
     config: Annotated[
         Path | None,
-        typer.Argument(help=f"Config file; default: the built-in {DEFAULT_WORKLOAD} workload."),
+        typer.Argument(
+            help=f"Config file; default: the built-in {DEFAULT_WORKLOAD} workload.",
+            metavar="CONFIG",
+        ),
     ] = None,
     cpu_devices: Annotated[
         int | None,
@@ -25,15 +28,24 @@ def compare_command(
             "--cpu-devices",
             min=1,
             help="Host devices for the multi-device CPU sets; default: the cores (2 to 8).",
+            metavar="N|auto",
         ),
     ] = None,
-    steps: Annotated[int, typer.Option("--steps", min=2, help="Timed steps per set.")] = 30,
-    warmup: Annotated[int, typer.Option("--warmup", min=0, help="Warm-up steps per set.")] = 5,
+    steps: Annotated[
+        int, typer.Option("--steps", min=2, help="Timed steps per set.", metavar="N")
+    ] = 30,
+    warmup: Annotated[
+        int, typer.Option("--warmup", min=0, help="Warm-up steps per set.", metavar="N")
+    ] = 5,
     timeout: Annotated[
-        float, typer.Option("--timeout", min=1, help="Seconds per device set before it fails.")
+        float,
+        typer.Option(
+            "--timeout", min=1, help="Seconds per device set before it fails.", metavar="SECONDS"
+        ),
     ] = 600,
     plot: Annotated[
-        Path | None, typer.Option("--plot", help="Also draw a bar chart to this PNG file.")
+        Path | None,
+        typer.Option("--plot", help="Also draw a bar chart to this PNG file.", metavar="FILE.png"),
     ] = None,
     wide: Annotated[
         bool, typer.Option("--wide", help="All columns (step time, compile, memory) in the table.")

@@ -29,9 +29,11 @@ def configs_command(json_out: JsonOut = None) -> None:
 
 
 def init_command(
-    name: Annotated[str, typer.Argument(help="A built-in config (see `accelctl configs`).")],
+    name: Annotated[
+        str, typer.Argument(help="A built-in config (see `accelctl configs`).", metavar="NAME")
+    ],
     path: Annotated[
-        Path | None, typer.Argument(help="Where to write it; default: ./NAME.yaml.")
+        Path | None, typer.Argument(help="Where to write it; default: ./NAME.yaml.", metavar="PATH")
     ] = None,
     force: Annotated[bool, typer.Option("--force", help="Overwrite an existing file.")] = False,
     debug: Debug = False,

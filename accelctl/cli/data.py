@@ -11,19 +11,24 @@ from accelctl.cli.common import Debug, JsonOut, run_guarded, write_json
 app = typer.Typer(
     help="Prepare and list tensorflow-datasets data sets (train with data.source: tfds).",
     no_args_is_help=True,
+    rich_markup_mode=None,
 )
 
 DataDir = Annotated[
     str | None,
     typer.Option(
-        "--data-dir", help="tfds data folder (default: $TFDS_DATA_DIR or ~/tensorflow_datasets)."
+        "--data-dir",
+        help="tfds data folder (default: $TFDS_DATA_DIR or ~/tensorflow_datasets).",
+        metavar="DIR",
     ),
 ]
 
 
 @app.command("prepare")
 def prepare_command(
-    name: Annotated[str, typer.Argument(help="tfds name, e.g. mnist, cifar10, mnist:3.0.1.")],
+    name: Annotated[
+        str, typer.Argument(help="tfds name, e.g. mnist, cifar10, mnist:3.0.1.", metavar="NAME")
+    ],
     data_dir: DataDir = None,
     json_out: JsonOut = None,
     debug: Debug = False,
@@ -43,12 +48,15 @@ def prepare_command(
 
 
 @app.command("ls")
-def ls_command(data_dir: DataDir = None, json_out: JsonOut = None) -> None:
+def ls_command(data_dir: DataDir = None, json_out: JsonOut = None, debug: Debug = False) -> None:
     """List the data sets prepared under the tfds data folder."""
-    from accelctl.data.tfds_source import data_dir_of, list_prepared
 
-    root = data_dir_of(data_dir)
-    found = list_prepared(data_dir)
+    def go() -> tuple[Any, list[dict[str, Any]]]:
+        from accelctl.data.tfds_source import data_dir_of, list_prepared
+
+        return data_dir_of(data_dir), list_prepared(data_dir)
+
+    root, found = run_guarded(go, debug=debug)
     if write_json({"data_dir": str(root), "datasets": found}, json_out):
         return
     if not found:

@@ -17,11 +17,14 @@ def eval_command(
         typer.Option(
             "--checkpoint",
             help="Run directory, its checkpoints/ folder (newest good one) or checkpoints/<step>.",
+            metavar="RUN",
         ),
     ],
     config: Annotated[
         Path | None,
-        typer.Argument(help="YAML config; default: the config stored in the checkpoint."),
+        typer.Argument(
+            help="YAML config; default: the config stored in the checkpoint.", metavar="CONFIG"
+        ),
     ] = None,
     set_: SetOverrides = None,
     json_out: JsonOut = None,

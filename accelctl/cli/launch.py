@@ -13,9 +13,11 @@ from accelctl.cli.common import Debug, run_guarded
 
 def launch_command(
     ctx: typer.Context,
-    config: Annotated[Path, typer.Argument(help="YAML config file, as for `accelctl train`.")],
+    config: Annotated[
+        Path, typer.Argument(help="YAML config file, as for `accelctl train`.", metavar="CONFIG")
+    ],
     num_processes: Annotated[
-        int, typer.Option("-n", "--num-processes", min=1, help="Processes to start.")
+        int, typer.Option("-n", "--num-processes", min=1, help="Processes to start.", metavar="N")
     ],
     devices_per_process: Annotated[
         int,
@@ -23,17 +25,22 @@ def launch_command(
             "--devices-per-process",
             min=1,
             help="CPU: host devices per process; GPU: GPUs per process.",
+            metavar="K",
         ),
     ] = 1,
     platform: Annotated[
         Literal["auto", "cpu", "gpu"],
-        typer.Option("--platform", help="auto: gpu when GPUs are visible, else cpu."),
+        typer.Option(
+            "--platform", help="auto: gpu when GPUs are visible, else cpu.", metavar="auto|cpu|gpu"
+        ),
     ] = "auto",
     debug: Debug = False,
 ) -> None:
     """Start N `accelctl train` processes joined by jax.distributed on this host.
 
-    Any further options go to `accelctl train` (e.g. --set, --run-dir, --resume, --quiet).
+    Every further option goes to each `accelctl train` process: --set KEY=VALUE, --run-dir DIR,
+    --resume, --quiet, --json PATH|-, --profile START:COUNT, --dist-timeout SECONDS,
+    --heartbeat-timeout SECONDS (`accelctl train --help` describes them).
     Output is prefixed with the process index; if one process fails the others are stopped and
     launch exits with its code.
     """

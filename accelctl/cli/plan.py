@@ -18,13 +18,16 @@ def plan_command(
     config: Annotated[
         Path,
         typer.Argument(
-            help="YAML config file, or a built-in config's name (`accelctl configs` lists them)."
+            help="YAML config file, or a built-in config's name (`accelctl configs` lists them).",
+            metavar="CONFIG",
         ),
     ],
     set_: SetOverrides = None,
     batch_size: Annotated[
         int | None,
-        typer.Option("--batch-size", min=1, help="Global batch size (default: the config's)."),
+        typer.Option(
+            "--batch-size", min=1, help="Global batch size (default: the config's).", metavar="N"
+        ),
     ] = None,
     memory_limit: Annotated[
         float | None,
@@ -32,6 +35,7 @@ def plan_command(
             "--memory-limit",
             help="Bytes per device to plan against, e.g. 80e9 (default: the device's own; the "
             "CPU has none).",
+            metavar="BYTES",
         ),
     ] = None,
     cpu_devices: CpuDevices = None,

@@ -14,14 +14,17 @@ def plot_command(
     run_dirs: Annotated[
         list[Path],
         typer.Argument(
-            metavar="RUN_DIR",
             help="Run directories of `accelctl train` (each holds metrics.jsonl).",
+            metavar="RUN_DIR",
         ),
     ],
     output: Annotated[
         Path | None,
         typer.Option(
-            "-o", "--output", help="Image to write (.png, .pdf, .svg); default: RUN_DIR/plot.png."
+            "-o",
+            "--output",
+            help="Image to write (.png, .pdf, .svg); default: RUN_DIR/plot.png.",
+            metavar="FILE",
         ),
     ] = None,
     json_out: JsonOut = None,

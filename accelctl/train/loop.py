@@ -67,11 +67,13 @@ class Timings:
 
 @dataclass
 class Hook:
-    """`fn(loop)` after every step for which `due(step)` is true (step = updates done)."""
+    """`fn(loop)` after every step for which `due(step)` is true (step = updates done); with
+    `at_start`, also before the first step when `due(start_step)` holds."""
 
     name: str
     due: Callable[[int], bool]
     fn: Callable[[Loop], None]
+    at_start: bool = False
 
 
 def every(n: int | None, *, total: int, at_end: bool = True) -> Callable[[int], bool]:
@@ -142,6 +144,8 @@ class Loop:
     last_checkpoint: int | None = None  # step of the last checkpoint written (the hook sets it)
     watchdog: Any = None  # train.watchdog.Watchdog: told of every step, or None
     checkpoint_path_fn: Callable[[int], Any] | None = None
+    inputs: Any = None  # the open train-batch iterator while running (its wait_time_s)
+    profiler: Any = None  # train.hooks.ProfileHook when steps are traced, or None
     # Throughput clock: starts after the first step (its compile and first dispatch excluded).
     steady_t0: float | None = None
     steady_step: int = 0
@@ -150,9 +154,17 @@ class Loop:
     wall0: float = 0.0
     end: float = 0.0
 
-    def add_hook(self, name: str, due: Callable[[int], bool], fn: Callable[[Loop], None]) -> None:
-        """Run `fn(self)` after every step where `due(step)` holds, in the order added."""
-        self.hooks.append(Hook(name, due, fn))
+    def add_hook(
+        self,
+        name: str,
+        due: Callable[[int], bool],
+        fn: Callable[[Loop], None],
+        *,
+        at_start: bool = False,
+    ) -> None:
+        """Run `fn(self)` after every step where `due(step)` holds, in the order added (with
+        `at_start`, also before the first step when `due(start_step)` holds)."""
+        self.hooks.append(Hook(name, due, fn, at_start))
 
     @property
     def total(self) -> int:
@@ -225,6 +237,10 @@ class Loop:
             num_steps=total,
             depth=job.cfg.data.prefetch,
         ) as batches:
+            self.inputs = batches
+            for hook in hooks:
+                if hook.at_start and hook.due(self.done):
+                    hook.fn(self)
             for step in range(self.start_step, total):
                 self.state, out = train_step(self.state, next(batches))
                 self.done = done = step + 1
@@ -244,6 +260,7 @@ class Loop:
             jax.block_until_ready(self.state)
             self.end = time.perf_counter()
             self.wait_s = batches.wait_time_s
+            self.inputs = None
         self.flush()
         if self.stop:
             saved = self.last_checkpoint == self.done and self.checkpoint_path_fn is not None

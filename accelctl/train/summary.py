@@ -11,6 +11,7 @@ import jax
 
 from accelctl import data
 from accelctl.checkpoint import Checkpointer
+from accelctl.devices import cpu_devices_report
 from accelctl.distributed import host_value
 from accelctl.train.job import Job
 from accelctl.train.loop import Loop
@@ -50,6 +51,8 @@ def describe(job: Job, state: TrainState, done: int) -> dict[str, Any]:
         "devices": int(job.mesh.devices.size),
         "device_kind": device.device_kind,
         "platform": device.platform,
+        # How the host CPU was split into XLA devices, and why (`--cpu-devices`, auto by default).
+        "cpu_devices": cpu_devices_report(device.platform),
         "mesh": dict(job.mesh.shape),
         "processes": jax.process_count(),
         "num_params": job.state.num_params,
@@ -92,6 +95,8 @@ def summarize(
         The summary dict (see the README's run-directory table).
     """
     last = loop.last_checkpoint
+    # First: a trace the loop left running (it stopped inside the window) is stopped here.
+    profile = loop.profiler.finish(loop) if loop.profiler is not None else None
     t = loop.timings
     train_s = max(loop.end - loop.wall0 - t.total(), 0.0)
     wall = process_age_s()
@@ -103,6 +108,7 @@ def summarize(
         "train": train_s,
         "eval": t.get("eval") + final_eval_s,
         "checkpoint": t.get("checkpoint"),
+        "profile": t.get("profile"),
     }
     parts["other"] = max(wall - sum(parts.values()), 0.0)
     return {
@@ -120,7 +126,16 @@ def summarize(
         "wall_time_s": wall,
         "time_s": {
             k: parts[k]
-            for k in ("startup", "setup", "compile", "train", "eval", "checkpoint", "other")
+            for k in (
+                "startup",
+                "setup",
+                "compile",
+                "train",
+                "eval",
+                "checkpoint",
+                "profile",
+                "other",
+            )
         },
         "loop_time_s": loop.end - loop.wall0,
         "eval_time_s": parts["eval"],
@@ -129,4 +144,7 @@ def summarize(
         "checkpoints_saved": t.counts.get("checkpoint", 0),
         **loop.input_wait(),
         "traces": dict(job.steps.traces),
+        # `--profile START:COUNT`: the trace's folder, the steps traced, the most expensive
+        # device operations and the input wait over them (accelctl.profile.summarize); else None.
+        "profile": profile,
     }
