@@ -54,6 +54,28 @@ def readme_commands() -> list[str]:
     return commands
 
 
+def readme_chains() -> list[list[str]]:
+    """The README's commands in groups that share nothing on disk, each in README order: a
+    group is the commands of one ```bash block, joined with every other block that uses one of
+    its `runs/NAME` folders (the resume continues the first block's run). The groups run as
+    separate tests, so pytest-xdist spreads them over the workers."""
+    blocks = []
+    for before, body in _bash_blocks((ROOT / "README.md").read_text()):
+        if "<!-- test-command -->" in before or "<!-- not run by the README test" in before:
+            continue
+        lines = [line for line in body if line.strip()]
+        if lines:
+            blocks.append((set(re.findall(r"runs/[\w.-]+", " ".join(lines))), lines))
+    chains: list[tuple[set[str], list[str]]] = []
+    for runs, lines in blocks:
+        joined = [c for c in chains if c[0] & runs]
+        for c in joined:
+            chains.remove(c)
+        merged = (runs.union(*(c[0] for c in joined)), [x for c in joined for x in c[1]] + lines)
+        chains.append(merged)
+    return [lines for _, lines in chains]
+
+
 def config_comment_commands() -> list[str]:
     out = []
     for path in sorted((ROOT / "accelctl" / "configs").glob("*.yaml")):
@@ -91,8 +113,22 @@ def test_the_readme_shows_commands():
     )
 
 
-def test_every_readme_command_runs_as_written(scratch):
-    for command in readme_commands():
+def test_the_chains_hold_every_command_in_order():
+    chains = readme_chains()
+    assert sorted(c for chain in chains for c in chain) == sorted(readme_commands())
+    position = {c: i for i, c in enumerate(readme_commands())}
+    assert all(
+        [position[c] for c in chain] == sorted(position[c] for c in chain) for chain in chains
+    )
+    resume = next(chain for chain in chains if any("--resume" in c for c in chain))
+    assert resume[0].startswith("accelctl train digits_mlp --run-dir runs/digits ")
+
+
+@pytest.mark.parametrize(
+    "chain", readme_chains(), ids=lambda chain: re.sub(r"\W+", "-", chain[0])[:40].strip("-")
+)
+def test_every_readme_command_runs_as_written(chain, scratch):
+    for command in chain:
         out = _run(command, scratch)
         assert out.returncode == 0, f"{command}\n{out.stdout[-2000:]}\n{out.stderr[-3000:]}"
         assert "Traceback" not in out.stderr, command
