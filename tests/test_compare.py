@@ -18,6 +18,7 @@ train: {batch_size: 32, steps: 12}
 """
 
 
+@pytest.mark.slow  # a process per device set: about 20 s on 2 cores
 def test_compare_devices_on_cpu_end_to_end(tmp_path):
     cfg = tmp_path / "tiny.yaml"
     cfg.write_text(TINY)
@@ -48,6 +49,7 @@ def test_compare_devices_on_cpu_end_to_end(tmp_path):
     assert res["plot"] == str(png)
 
 
+@pytest.mark.slow  # a process per device set: about 20 s on 2 cores
 def test_a_failing_device_set_gets_a_row_with_the_reason(tmp_path):
     cfg = tmp_path / "odd.yaml"
     cfg.write_text(TINY.replace("batch_size: 32", "batch_size: 12"))  # not divisible by 8

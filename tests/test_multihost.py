@@ -218,6 +218,7 @@ def test_process_envs_give_each_process_its_devices():
     assert launch.exit_code(-9) == 137 and launch.exit_code(3) == 3
 
 
+@pytest.mark.slow  # two 2-process jobs and a resume: 30-50 s on 2 cores
 def test_sigterm_stops_every_process_at_one_step_and_the_job_resumes(tmp_path):
     cfg = tmp_path / "p.yaml"
     cfg.write_text(CONFIG.replace("steps: 12, log_every: 1", "steps: 300, log_every: 20"))
