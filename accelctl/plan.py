@@ -26,6 +26,7 @@ import numpy as np
 from accelctl import config as config_mod
 from accelctl.config import Config
 from accelctl.errors import FieldError, UserError
+from accelctl.memory.device import shard_bytes
 
 if TYPE_CHECKING:
     from accelctl.data import Dataset
@@ -215,18 +216,6 @@ def model_flops(cfg: Config, ds: Dataset, batch: int) -> int | None:
     )
 
 
-def _shard_bytes(tree: Any) -> int:
-    """Bytes one device holds of a tree of ShapeDtypeStructs with shardings (its shards)."""
-    import jax
-
-    total = 0
-    for leaf in jax.tree.leaves(tree):
-        sharding = getattr(leaf, "sharding", None)
-        shape = sharding.shard_shape(leaf.shape) if sharding is not None else leaf.shape
-        total += math.prod(shape) * leaf.dtype.itemsize
-    return total
-
-
 def _data_cache(cfg: Config, job: Any, shapes_from: str) -> tuple[str, str, int]:
     """Where training would keep the split (`data.plan_cache`, as the job builder decides it)
     and the bytes it takes on each device when that is the devices (sharded over `data`)."""
@@ -303,8 +292,8 @@ def plan_config(cfg: Config, *, memory_limit: int | None = None) -> dict[str, An
     flops = float(cost.get("flops", 0.0))  # of one device's partitioned program
     bytes_accessed = float(cost.get("bytes accessed", 0.0))
     analytic = model_flops(cfg, job.dataset, job.sizes.batch)
-    state_bytes = _shard_bytes(spec)
-    params_bytes, opt_bytes = _shard_bytes(spec.params), _shard_bytes(spec.opt_state)
+    state_bytes = shard_bytes(spec)
+    params_bytes, opt_bytes = shard_bytes(spec.params), shard_bytes(spec.opt_state)
     return {
         "backend": device.platform,
         "device_kind": device.device_kind,
@@ -327,7 +316,7 @@ def plan_config(cfg: Config, *, memory_limit: int | None = None) -> dict[str, An
             "params_bytes": params_bytes,
             "opt_state_bytes": opt_bytes,
             "other_state_bytes": state_bytes - params_bytes - opt_bytes,
-            "input_bytes": _shard_bytes(job.feed.abstract_input),
+            "input_bytes": shard_bytes(job.feed.abstract_input),
             "data_cache_bytes": cache_bytes,
             **{k: v for k, v in mem.items() if k != "device_limit_bytes"},
             "need_bytes": need,

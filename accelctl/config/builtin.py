@@ -6,7 +6,7 @@ lists them and copies one out for editing.
 from __future__ import annotations
 
 from importlib import resources
-from importlib.abc import Traversable
+from importlib.resources.abc import Traversable
 
 
 def _folder() -> Traversable:

@@ -6,7 +6,7 @@ from __future__ import annotations
 import contextlib
 import re
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import NamedTuple
 
@@ -171,9 +171,14 @@ def out_of_memory(exc: BaseException) -> OutOfMemory | None:
 
 
 @contextlib.contextmanager
-def stop_on_out_of_memory() -> Iterator[None]:
+def stop_on_out_of_memory(after: Callable[[], str] | None = None) -> Iterator[None]:
     """Turn running out of host or device memory inside the block into one `OutOfMemory`
-    (exit 5; the original error stays its cause). Other errors pass unchanged."""
+    (exit 5; the original error stays its cause). Other errors pass unchanged.
+
+    Args:
+        after: called when it happens; its text (how to go on, e.g. from which checkpoint) is
+            added to the message.
+    """
     try:
         yield
     except AccelctlError:
@@ -182,4 +187,6 @@ def stop_on_out_of_memory() -> Iterator[None]:
         error = out_of_memory(e)
         if error is None:
             raise
+        if after is not None:
+            error = OutOfMemory(f"{error.message} {after()}")
         raise error from e

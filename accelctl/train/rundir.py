@@ -14,7 +14,6 @@ from accelctl.checkpoint import CHECKPOINT_DIR, complete_steps, incomplete_check
 from accelctl.config import Config
 from accelctl.errors import (
     AccelctlError,
-    OutOfMemory,
     OutputError,
     UserError,
     describe_output_failure,
@@ -161,25 +160,14 @@ def stop_on_output_errors(run_dir: Path) -> Iterator[None]:
         ) from None
 
 
-@contextlib.contextmanager
-def stop_on_memory_errors(run_dir: Path | None) -> Iterator[None]:
+def stop_on_memory_errors(run_dir: Path | None) -> contextlib.AbstractContextManager[None]:
     """Turn running out of host or device memory (XLA's RESOURCE_EXHAUSTED, numpy's
     MemoryError) into one OutOfMemory with the bytes and the ways out (exit 5), naming the
     run's last complete checkpoint. Writers and checkpointer are closed by then (`_train`), so
     everything written is kept; the original error stays the cause (shown with --debug)."""
-    from accelctl.memory import out_of_memory
+    from accelctl.memory import stop_on_out_of_memory
 
-    try:
-        yield
-    except AccelctlError:
-        raise
-    except Exception as e:
-        error = out_of_memory(e)
-        if error is None:
-            raise
-        if run_dir is not None:
-            error = OutOfMemory(f"{error.message} {after_out_of_memory(run_dir)}")
-        raise error from e
+    return stop_on_out_of_memory(None if run_dir is None else lambda: after_out_of_memory(run_dir))
 
 
 def after_out_of_memory(run_dir: Path) -> str:
