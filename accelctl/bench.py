@@ -37,7 +37,8 @@ import numpy as np
 from accelctl import config as config_mod
 from accelctl.config import Config
 from accelctl.errors import UserError
-from accelctl.plan import compiled_memory, find_max_batch
+from accelctl.max_batch import find_max_batch
+from accelctl.plan import compiled_memory
 
 SCHEMA = "accelctl.bench/1"
 LOOP_SECONDS = 2.0
@@ -319,7 +320,7 @@ def bench_workload(
 def find_max_batches(
     workloads: list[Workload], *, memory_limit: int | None = None
 ) -> dict[str, Any]:
-    """`plan.find_max_batch` for every (name, config) workload (`bench --find-max-batch`)."""
+    """`max_batch.find_max_batch` for every (name, config) workload (`bench --find-max-batch`)."""
     results = []
     for name, cfg in workloads:
         results.append({"workload": name, **find_max_batch(cfg, memory_limit=memory_limit)})

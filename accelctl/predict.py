@@ -196,7 +196,7 @@ def _probs_fn(rw: Any) -> Any:
     from flax import nnx
 
     from accelctl import parallel
-    from accelctl.config.schema import CustomModelConfig
+    from accelctl.config.model import CustomModelConfig
     from accelctl.models import custom
     from accelctl.train.step import StepConfig, _forward
 

@@ -14,7 +14,7 @@ import jax
 import numpy as np
 import pytest
 
-from accelctl import bench, data, plan
+from accelctl import bench, data, max_batch, plan
 from accelctl import config as config_mod
 from accelctl.config import ConfigError
 from accelctl.train.job import build_job
@@ -272,7 +272,7 @@ def test_find_max_batch_lowers_pmap_steps_per_device():
     (a plain (B, ...) batch maps B rows over 8 devices and does not lower)."""
     cfg = _cfg(TINY, ("parallel.strategy=pmap",))
     job, _ = plan.build_abstract_job(cfg)
-    out = plan.find_max_batch(cfg, memory_limit=10**12, max_batch=32)
+    out = max_batch.find_max_batch(cfg, memory_limit=10**12, max_batch=32)
     assert [p["batch_size"] for p in out["probes"]] == [8, 16, 32]
     assert all(p["fits"] and p["bytes"] > 0 for p in out["probes"])
     # The job's own compile (its feed's abstract input) is the same program as the probe's.
@@ -281,7 +281,7 @@ def test_find_max_batch_lowers_pmap_steps_per_device():
 
 def test_find_max_batch_counts_micro_batches_in_its_unit():
     cfg = _cfg(TINY, ("optimizer.accumulate_steps=2",))
-    out = plan.find_max_batch(cfg, memory_limit=10**12, max_batch=64)
+    out = max_batch.find_max_batch(cfg, memory_limit=10**12, max_batch=64)
     assert [p["batch_size"] for p in out["probes"]] == [16, 32, 64]
 
 

@@ -17,23 +17,26 @@ from accelctl.config.data import (
     TokensData,
 )
 from accelctl.config.loading import from_dict, load, load_text, replace
-from accelctl.config.schema import (
-    CheckpointConfig,
+from accelctl.config.model import (
     CNNConfig,
-    Config,
     CustomModelConfig,
-    KeepBestConfig,
-    MeshConfig,
+    InitFromConfig,
     MLPConfig,
     ModelConfig,
+    ResNetConfig,
+    TransformerConfig,
+)
+from accelctl.config.schema import (
+    CheckpointConfig,
+    Config,
+    KeepBestConfig,
+    MeshConfig,
     OptimizerConfig,
     OutputConfig,
     ParallelConfig,
     PrecisionConfig,
-    ResNetConfig,
     ScheduleConfig,
     TrainConfig,
-    TransformerConfig,
 )
 from accelctl.config.source import ConfigError
 
@@ -46,6 +49,7 @@ __all__ = [
     "ConfigError",
     "DataConfig",
     "DigitsData",
+    "InitFromConfig",
     "KeepBestConfig",
     "MLPConfig",
     "MeshConfig",

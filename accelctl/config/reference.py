@@ -20,7 +20,7 @@ from accelctl.config.schema import Config
 _INTRO = """\
 # Config reference
 
-Generated from `accelctl/config/schema.py` and `accelctl/config/data.py` by
+Generated from `accelctl/config/schema.py`, `model.py` and `data.py` by
 `python scripts/gen_config_docs.py` (a test fails when this file is out of date). A config is a
 YAML mapping of the sections below; every field is optional unless marked *required*, unknown
 fields are errors, and `--set SECTION.FIELD=VALUE` sets one field from the command line (the

@@ -1,5 +1,6 @@
 """Checks shared by the file-reading sources: a data file that exists and is readable, class
-labels that fit int32 and the class count, and readable byte counts for messages."""
+labels that fit int32 and the class count, inputs the model can read (finite float32), and
+readable byte counts for messages."""
 
 from __future__ import annotations
 
@@ -147,3 +148,44 @@ def check_labels(
             f"labels must be 0 .. {num_classes - 1}"
         )
     return y.astype(np.int32)
+
+
+def model_inputs(x: np.ndarray) -> tuple[np.ndarray, tuple[int, str] | None]:
+    """x as the model reads it: uint8 images stay compact (scaled on the device), anything else
+    becomes float32, which must be finite.
+
+    Args:
+        x: (N, ...) inputs as loaded.
+    Returns:
+        (x itself when uint8 else a float32 copy, None) or, at the first NaN/inf (or a value
+        beyond float32) of float inputs, (x32, (its row, "column C is ...: what to do")).
+    """
+    if x.dtype == np.uint8:
+        return x, None
+    with np.errstate(over="ignore"):  # values beyond float32 become inf: reported below
+        x32 = x.astype(np.float32)
+    bad = first_nonfinite(x32) if x.dtype.kind == "f" else None
+    if bad is None:
+        return x32, None
+    row, pos = bad
+    value = x[(row, *pos)]
+    at = f"column {pos[0]}" if len(pos) == 1 else f"position {pos}"
+    reason = (
+        f"is {value}, too large for float32 (the model reads float32 inputs); rescale the inputs"
+        if np.isfinite(value)
+        else f"is {value}; inputs must be finite numbers (replace or drop that row)"
+    )
+    return x32, (row, f"{at} {reason}")
+
+
+def first_nonfinite(x: np.ndarray) -> tuple[int, tuple[int, ...]] | None:
+    """Return (row, index within the example) of the first NaN or infinity in x, else None."""
+    flat = x.reshape(len(x), -1)
+    rows = max(1, (1 << 22) // flat.shape[1])  # bounded temporaries, ~4 MB of flags per chunk
+    for start in range(0, len(flat), rows):
+        bad = ~np.isfinite(flat[start : start + rows])
+        if bad.any():
+            r, c = np.argwhere(bad)[0]
+            pos = np.unravel_index(int(c), x.shape[1:])
+            return start + int(r), tuple(int(i) for i in pos)
+    return None

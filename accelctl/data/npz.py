@@ -20,6 +20,7 @@ from accelctl.data.checks import (
     check_labels,
     first_row,
     human_bytes,
+    model_inputs,
 )
 from accelctl.data.sources import Dataset, Split, _holdout
 from accelctl.errors import FieldError, UserError
@@ -181,37 +182,10 @@ class _NpzReader:
 
     def _to_model_dtype(self, x: np.ndarray) -> np.ndarray:
         """uint8 images stay compact (scaled on the device); anything else becomes float32."""
-        if x.dtype == np.uint8:
-            return x
-        with np.errstate(over="ignore"):  # values beyond float32 become inf: reported below
-            x32 = x.astype(np.float32)
-        if x.dtype.kind == "f":
-            bad = _first_nonfinite(x32)
-            if bad is not None:
-                row, pos = bad
-                value = x[(row, *pos)]
-                where = f"column {pos[0]}" if len(pos) == 1 else f"position {pos}"
-                reason = (
-                    f"is {value}, too large for float32 (the model reads float32 inputs); "
-                    "rescale the inputs"
-                    if np.isfinite(value)
-                    else f"is {value}; inputs must be finite numbers (replace or drop that row)"
-                )
-                raise self.error(f"array {self.x_key!r} at row {row}, {where} {reason}")
+        x32, bad = model_inputs(x)
+        if bad is not None:
+            raise self.error(f"array {self.x_key!r} at row {bad[0]}, {bad[1]}")
         return x32
-
-
-def _first_nonfinite(x: np.ndarray) -> tuple[int, tuple[int, ...]] | None:
-    """Return (row, index within the example) of the first NaN or infinity in x, else None."""
-    flat = x.reshape(len(x), -1)
-    rows = max(1, (1 << 22) // flat.shape[1])  # bounded temporaries, ~4 MB of flags per chunk
-    for start in range(0, len(flat), rows):
-        bad = ~np.isfinite(flat[start : start + rows])
-        if bad.any():
-            r, c = np.argwhere(bad)[0]
-            pos = np.unravel_index(int(c), x.shape[1:])
-            return start + int(r), tuple(int(i) for i in pos)
-    return None
 
 
 def _physical_memory() -> int | None:

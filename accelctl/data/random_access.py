@@ -21,8 +21,7 @@ from typing import Any
 
 import numpy as np
 
-from accelctl.data.checks import DTYPE_KINDS
-from accelctl.data.npz import _first_nonfinite
+from accelctl.data.checks import DTYPE_KINDS, model_inputs
 from accelctl.data.sources import Split
 from accelctl.errors import FieldError
 
@@ -75,24 +74,10 @@ def to_model_dtype(x: np.ndarray, where: str, rows: Sequence[int] | None = None)
     Raises:
         FieldError: on data.target, a NaN/inf (or a value beyond float32) in float inputs.
     """
-    if x.dtype == np.uint8:
-        return x
-    with np.errstate(over="ignore"):  # values beyond float32 become inf: reported below
-        x32 = x.astype(np.float32)
-    if x.dtype.kind == "f":
-        bad = _first_nonfinite(x32)
-        if bad is not None:
-            r, pos = bad
-            value = x[(r, *pos)]
-            row = r if rows is None else rows[r]
-            at = f"column {pos[0]}" if len(pos) == 1 else f"position {pos}"
-            reason = (
-                f"is {value}, too large for float32 (the model reads float32 inputs); rescale "
-                "the inputs"
-                if np.isfinite(value)
-                else f"is {value}; inputs must be finite numbers (replace or drop that row)"
-            )
-            raise FieldError(TARGET, f"{where}: x at row {row}, {at} {reason}")
+    x32, bad = model_inputs(x)
+    if bad is not None:
+        row = bad[0] if rows is None else rows[bad[0]]
+        raise FieldError(TARGET, f"{where}: x at row {row}, {bad[1]}")
     return x32
 
 

@@ -23,7 +23,7 @@ from jax.sharding import Mesh
 from accelctl import data, memory, models, optim, parallel, precision
 from accelctl.config import Config, ConfigError
 from accelctl.config.base import INT32_MAX
-from accelctl.config.schema import CustomModelConfig
+from accelctl.config.model import CustomModelConfig
 from accelctl.data import Dataset, Split
 from accelctl.errors import FieldError
 from accelctl.models import custom
